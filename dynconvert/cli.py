@@ -1,0 +1,80 @@
+"""Command line: flags become a Recipe, then one call into the conversion pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from dynconvert.errors import DynconvertError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dynconvert",
+        description="Convert a pretrained static network into a dynamic one that computes less on easy inputs.",
+    )
+    parser.add_argument("model", help="a timm model name, e.g. resnet50 or cifar_resnet56")
+    parser.add_argument("--strategy", default=None, help="early-exit (default), or another registered strategy")
+    parser.add_argument(
+        "--weights", help="local checkpoint (state dict; 'state_dict'/'model' nesting and 'module.' prefixes are fine)"
+    )
+    parser.add_argument("--data", help="local data folder (parquet, imagefolder) or a hub data set name")
+    parser.add_argument("--recipe", help="built-in recipe name or YAML file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set train.epochs=3 (repeatable)",
+    )
+    parser.add_argument("--out", help="output folder (default: ./dynconvert-out/MODEL-STRATEGY)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--device", help="cpu or cuda")
+    parser.add_argument("--seed", type=int, help="random seed")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dynconvert`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        from dynconvert.convert.pipeline import convert_recipe, default_output
+        from dynconvert.recipe import build_recipe
+
+        overrides = list(args.overrides)
+        for key, value in (
+            ("model.weights", args.weights),
+            ("data.path", args.data),
+            ("device", args.device),
+            ("seed", args.seed),
+        ):
+            if value is not None:
+                overrides.insert(0, f"{key}={value}")
+        recipe = build_recipe(args.recipe, args.model, args.strategy, overrides)
+        out = Path(args.out) if args.out else default_output(recipe)
+        dyn = convert_recipe(recipe, out=out, force=args.force)
+    except DynconvertError as exc:
+        if args.debug:
+            raise
+        print(f"dynconvert: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dynconvert: interrupted", file=sys.stderr)
+        return 130
+    r = dyn.report
+    print(
+        f"{r['model']} {r['strategy']}: accuracy {100 * r['static']['accuracy']:.2f}% -> "
+        f"{100 * r['dynamic']['accuracy']:.2f}%, FLOPs ratio {r['flops_ratio']:.3f} "
+        f"on {r['evaluated_samples']} '{r['splits']['evaluation']}' images; written to {out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

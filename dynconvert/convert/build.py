@@ -1,0 +1,111 @@
+"""Build the static network: a timm model by name, with timm's or local weights."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+import dynconvert.models  # noqa: F401  (registers the CIFAR ResNets)
+from dynconvert.errors import DynconvertError
+from dynconvert.recipe import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """Create ``config.name`` with timm and load its weights (local file or timm's pretrained).
+
+    Example::
+
+        model = build_model(ModelConfig(name="cifar_resnet56", weights="resnet56.th"))
+    """
+    if not timm.is_model(config.name):
+        close = difflib.get_close_matches(config.name, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise DynconvertError(f"unknown model '{config.name}'{hint}")
+    kwargs = {} if config.num_classes is None else {"num_classes": config.num_classes}
+    use_hub = config.pretrained and not config.weights
+    try:
+        model = timm.create_model(config.name, pretrained=use_hub, **kwargs)
+    except (OSError, RuntimeError, ValueError) as exc:
+        if not use_hub:
+            raise
+        raise DynconvertError(
+            f"could not fetch timm's pretrained weights for '{config.name}' ({type(exc).__name__}); "
+            "pass a local checkpoint with --weights FILE"
+        ) from None
+    if config.weights:
+        load_weights(model, config.weights)
+    return model.eval()
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a local checkpoint into ``model``, strictly.
+
+    Accepts a state dict, possibly nested under ``state_dict`` or ``model`` and possibly
+    saved from ``nn.DataParallel`` (``module.`` prefixes); safetensors files too. Missing
+    ``num_batches_tracked`` buffers are tolerated.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DynconvertError(f"weights file '{path}' does not exist")
+    state = read_state_dict(path)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise DynconvertError(
+            f"weights '{path}' do not fit model: missing keys {_few(missing)}; unexpected keys {_few(unexpected)}"
+        )
+    wrong = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise DynconvertError(
+            f"weights '{path}' do not fit model: '{k}' has shape {tuple(state[k].shape)}, "
+            f"the model expects {tuple(expected[k].shape)} ({len(wrong)} such keys)"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read tensors from a checkpoint file, unwrapping common nestings and prefixes."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt files
+        raise DynconvertError(f"weights file '{path}' could not be read ({type(exc).__name__}: {exc})") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DynconvertError(f"weights file '{path}' holds no state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    if not keys:
+        return "none"
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more

@@ -1,0 +1,218 @@
+"""One conversion, end to end: build -> trace/plan/passes -> train -> calibrate -> evaluate -> save."""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dynconvert.convert.build import build_model, file_sha256
+from dynconvert.convert.calibrate import exit_confidences, simulate_exits
+from dynconvert.convert.data import Preprocess, load_conversion_data
+from dynconvert.convert.evaluate import evaluate_dynamic, evaluate_static, measure_latency
+from dynconvert.convert.report import build_report, plot_report, write_json_atomic
+from dynconvert.convert.save import save_dynamic, versions
+from dynconvert.convert.train import map_batches
+from dynconvert.errors import DynconvertError
+from dynconvert.recipe import Recipe, build_recipe, strategy_config
+from dynconvert.strategies import get_strategy
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch, so a run on the same machine repeats exactly."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_output(out: str | Path | None, recipe: Recipe, force: bool) -> Path | None:
+    """Check the output folder can be written without losing anything; create it."""
+    if out is None:
+        return None
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force:
+            raise DynconvertError(
+                f"output folder '{out}' exists and is not empty; choose another --out or pass --force"
+            )
+        if out.is_dir():
+            shutil.rmtree(out)
+        else:
+            out.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def default_output(recipe: Recipe) -> Path:
+    """``./dynconvert-out/<model>-<strategy>``."""
+    return Path("dynconvert-out") / f"{recipe.model.name}-{recipe.strategy}"
+
+
+def convert_recipe(recipe: Recipe, model: nn.Module | None = None, out: str | Path | None = None, force: bool = False):
+    """Run one conversion as ``recipe`` describes; return the dynamic model (with ``.report``).
+
+    ``model`` replaces building ``recipe.model.name`` with timm (for a user's own module).
+    When ``out`` is given the recipe, model, report.json and report.png are written there.
+    """
+    started = time.perf_counter()
+    out_dir = prepare_output(out, recipe, force)
+    seed_everything(recipe.seed)
+    strategy = get_strategy(recipe.strategy)
+    config = strategy_config(recipe, strategy)
+    if model is None:
+        model = build_model(recipe.model)
+    model = model.to(recipe.device).eval()
+    prep = Preprocess.from_model(model)
+    data = load_conversion_data(recipe.data, prep, recipe.seed)
+    num_classes = _num_classes(model)
+    if num_classes is not None and num_classes < data.num_classes:
+        raise DynconvertError(
+            f"the data set has {data.num_classes} classes but the model predicts {num_classes}; "
+            "use a model or weights for this label set (--set model.num_classes=N for a new head)"
+        )
+    num_classes = num_classes or data.num_classes
+    example = torch.randn(2, *prep.input_size, device=recipe.device)
+    dyn = strategy.prepare(model, recipe, config, example, num_classes).to(recipe.device)
+    dyn.recipe, dyn.preprocess = recipe, prep
+    dyn.base_info = {
+        "model": recipe.model.name,
+        "weights": str(Path(recipe.model.weights).resolve()) if recipe.model.weights else None,
+        "weights_sha256": file_sha256(recipe.model.weights) if recipe.model.weights else None,
+        "num_classes": num_classes,
+    }
+    fitted = strategy.fit(dyn, data, prep, recipe, config)
+    static = evaluate_static(model, data.evaluation, prep, recipe.data.batch_size, recipe.device)
+    dynamic = evaluate_dynamic(dyn, data.evaluation, prep, recipe.data.batch_size, recipe.device)
+    latency = measure_latency(model, dyn, data.evaluation, prep, recipe.evaluate.latency_samples, recipe.device)
+    splits = {
+        "fit": data.fit.name,
+        "calibration": data.calibration.name,
+        "evaluation": data.evaluation.name,
+        "fit_samples": len(data.fit),
+        "calibration_samples": len(data.calibration),
+    }
+    extra = {
+        "model": recipe.model.name,
+        "strategy": recipe.strategy,
+        "plan": dyn.plan,
+        "inserted_flops": float(sum(dyn.head_flops)),
+        "calibration": fitted,
+        "calibration_correction": _calibration_note(recipe, data),
+        "latency": latency,
+        "sweep_on_evaluation": sweep_on_split(dyn, data.evaluation, prep, recipe, fitted.get("sweep", [])),
+        "versions": versions(),
+        "base": dyn.base_info,
+        "seconds": time.perf_counter() - started,
+    }
+    report = build_report(static, dynamic, dyn.static_flops(), splits, extra)
+    dyn.report = report
+    if out_dir is not None:
+        write_outputs(dyn, report, out_dir)
+    return dyn
+
+
+def write_outputs(dyn, report: dict, out_dir: Path) -> None:
+    """recipe.yaml, model/, report.json and report.png into ``out_dir``."""
+    (out_dir / "recipe.yaml").write_text(dyn.recipe.to_yaml())
+    save_dynamic(dyn, out_dir / "model")
+    write_json_atomic(out_dir / "report.json", report)
+    title = f"{report['model']} {report['strategy']}: {report['splits']['evaluation']} split"
+    plot_report(out_dir / "report.png", report, title)
+
+
+def sweep_on_split(dyn, split, prep, recipe, sweep: list[dict]) -> list[dict]:
+    """Accuracy and FLOPs ratio on ``split`` of each calibration-sweep operating point.
+
+    Only for the plot: the operating point itself was chosen on calibration data.
+    """
+    if not sweep or not hasattr(dyn, "forward_all"):
+        return []
+    final, *exit_logits = map_batches(
+        dyn.forward_all_flat, split, prep, recipe.data.batch_size, recipe.device, "sweep on evaluation"
+    )
+    temperatures = dyn.dyn.temperatures.cpu().tolist()
+    conf = exit_confidences(exit_logits, temperatures, recipe.calibrate.criterion)
+    preds = torch.stack([lg.argmax(1) for lg in exit_logits] + [final.argmax(1)])
+    costs = dyn.exit_costs()
+    columns = torch.arange(len(split))
+    points = []
+    for p in sweep[:: max(1, len(sweep) // 100)] + [sweep[-1]]:
+        exits = simulate_exits(conf, torch.tensor(p["thresholds"]))
+        acc = (preds[exits, columns] == split.labels).float().mean()
+        points.append({"flops_ratio": float(costs[exits].mean()) / dyn.static_flops(), "accuracy": float(acc)})
+    return points
+
+
+def _calibration_note(recipe: Recipe, data) -> str:
+    if recipe.calibrate.reference == "agreement":
+        how = (
+            "thresholds bound the disagreement with the full network's prediction (an upper bound on the "
+            "accuracy lost), not the label accuracy, since the backbone saw the training images"
+        )
+    else:
+        how = "thresholds fitted to label accuracy"
+    return f"calibrated on '{data.calibration.name}': {how}"
+
+
+def _num_classes(model: nn.Module) -> int | None:
+    value = getattr(model, "num_classes", None)
+    return int(value) if isinstance(value, int) else None
+
+
+def convert(
+    model: str | nn.Module,
+    strategy: str = "early-exit",
+    data: str | None = None,
+    recipe: str | None = None,
+    out: str | Path | None = None,
+    force: bool = False,
+    **overrides: Any,
+):
+    """Convert a static network into a dynamic one.
+
+    Args:
+        model: a timm model name, or an ``nn.Module`` torch.fx can trace (then set
+            ``model_name`` in ``overrides`` or accept ``"custom"``).
+        strategy: a registered strategy name (see ``dynconvert.list_strategies()``).
+        data: a local folder ``datasets.load_dataset`` understands, or a hub name.
+        recipe: a built-in recipe name or a YAML file; defaults to the model family's one.
+        out: where to write recipe.yaml, model/, report.json and report.png (nothing if None).
+        overrides: recipe fields, as sections (``train={"epochs": 3}``) or dotted names
+            written with double underscores (``train__epochs=3``).
+
+    Returns the dynamic model; ``.report`` holds the report, ``.route(x)`` the exits taken.
+
+    Example::
+
+        dyn = dynconvert.convert("cifar_resnet56", data="cifar10", model__weights="r56.th")
+    """
+    name = model if isinstance(model, str) else overrides.pop("model_name", type(model).__name__)
+    flat: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in _flatten_dict(value).items()})
+        else:
+            flat[key.replace("__", ".")] = value
+    if data is not None:
+        flat["data.path"] = data
+    resolved = build_recipe(recipe, name, strategy, flat)
+    return convert_recipe(resolved, None if isinstance(model, str) else model, out, force)
+
+
+def _flatten_dict(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten_dict(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

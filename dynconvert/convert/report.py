@@ -1,0 +1,83 @@
+"""The conversion report: ``report.json`` and ``report.png`` (accuracy against FLOPs)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from dynconvert.convert.costs import FLOPS_DEFINITION
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON to ``path`` through a temporary file, so a crash never leaves half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def build_report(static: dict, dynamic: dict, static_flops: float, splits: dict, extra: dict) -> dict:
+    """Assemble the report dictionary from the static and dynamic evaluations."""
+    return {
+        "static": {"accuracy": static["accuracy"], "flops": static_flops},
+        "dynamic": {
+            "accuracy": dynamic["accuracy"],
+            "flops": dynamic["flops"],
+            "exit_histogram": dynamic["exit_histogram"],
+        },
+        "accuracy_change": dynamic["accuracy"] - static["accuracy"],
+        "flops_ratio": dynamic["flops"] / static_flops,
+        "evaluated_samples": dynamic["samples"],
+        "splits": splits,
+        "flops_definition": FLOPS_DEFINITION,
+        **extra,
+    }
+
+
+def plot_report(path: Path, report: dict, title: str) -> None:
+    """Accuracy against FLOPs ratio: the sweep on calibration and evaluation data, the static
+    model and the chosen operating point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    curve = report.get("sweep_on_evaluation") or []
+    if curve:
+        ax.plot(
+            [p["flops_ratio"] for p in curve],
+            [100 * p["accuracy"] for p in curve],
+            "-",
+            color="tab:blue",
+            label=f"sweep, {report['splits']['evaluation']} split",
+        )
+    cal = report.get("calibration", {}).get("sweep") or []
+    base = report.get("calibration", {}).get("calibration_static_accuracy")
+    if cal and base is not None:
+        ax.plot(
+            [p["flops_ratio"] for p in cal],
+            [100 * (base - p["accuracy_drop"]) for p in cal],
+            "--",
+            color="tab:gray",
+            label="sweep, calibration data (vs. reference)",
+        )
+    ax.plot([1.0], [100 * report["static"]["accuracy"]], "s", color="black", label="static model")
+    ax.plot(
+        [report["flops_ratio"]],
+        [100 * report["dynamic"]["accuracy"]],
+        "*",
+        color="tab:red",
+        markersize=14,
+        label="chosen operating point",
+    )
+    ax.set_xlabel("FLOPs / static FLOPs (per sample, inserted modules included)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)

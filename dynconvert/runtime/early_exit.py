@@ -1,0 +1,140 @@
+"""The early-exit dynamic model: segments of the backbone with an exit head after each but the last."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dynconvert.runtime.confidence import confidence
+
+
+@dataclass
+class Routed:
+    """Logits and, per sample, the exit taken (``num_exits`` means the full network ran)."""
+
+    logits: torch.Tensor
+    exits: torch.Tensor
+
+
+class EarlyExitModel(nn.Module):
+    """Runs backbone segments in turn; after each, samples confident enough leave the batch.
+
+    Args:
+        segments: consecutive parts of the backbone, each taking the previous one's output.
+        heads: one exit head per segment but the last.
+        segment_flops / head_flops: FLOPs per sample of each segment and head (the cost table).
+        criterion: ``"max_softmax"`` or ``"entropy"``.
+
+    ``thresholds`` (a buffer, one per exit) start at 2.0, above any confidence, so an
+    unconverted model never exits and equals the original network.
+    """
+
+    def __init__(
+        self,
+        segments: list[nn.Module],
+        heads: list[nn.Module],
+        segment_flops: list[float],
+        head_flops: list[float],
+        criterion: str = "max_softmax",
+    ):
+        super().__init__()
+        if len(segments) != len(heads) + 1:
+            raise ValueError("need exactly one more segment than exit heads")
+        self.segments = nn.ModuleList(segments)
+        self.dyn = nn.Module()
+        self.dyn.exits = nn.ModuleList(heads)
+        self.dyn.register_buffer("thresholds", torch.full((len(heads),), 2.0))
+        self.dyn.register_buffer("temperatures", torch.ones(len(heads)))
+        self.segment_flops = list(segment_flops)
+        self.head_flops = list(head_flops)
+        self.criterion = criterion
+        self.last_exits: torch.Tensor | None = None
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.dyn.exits)
+
+    def exit_costs(self) -> torch.Tensor:
+        """FLOPs per sample of leaving at exit k (k = num_exits: the full network, heads included)."""
+        costs, total = [], 0.0
+        for k in range(self.num_exits):
+            total += self.segment_flops[k] + self.head_flops[k]
+            costs.append(total)
+        costs.append(total + self.segment_flops[-1])
+        return torch.tensor(costs, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        routed = self.route(x)
+        self.last_exits = routed.exits
+        return routed.logits
+
+    def route(self, x: torch.Tensor) -> Routed:
+        """Run with early exits; return the logits and the exit each sample took."""
+        if x.shape[0] == 1:
+            return self._route_single(x)
+        batch = x.shape[0]
+        logits_out: torch.Tensor | None = None
+        exits = torch.full((batch,), self.num_exits, dtype=torch.long, device=x.device)
+        remaining = torch.arange(batch, device=x.device)
+        h = x
+        for k in range(self.num_exits):
+            h = self.segments[k](h)
+            logits = self.dyn.exits[k](h)
+            if logits_out is None:
+                logits_out = logits.new_empty((batch, logits.shape[1]))
+            leave = confidence(logits / self.dyn.temperatures[k], self.criterion) >= self.dyn.thresholds[k]
+            stay = ~leave
+            leaving = remaining[leave]
+            if leaving.numel():
+                logits_out[leaving] = logits[leave]
+                exits[leaving] = k
+                remaining, h = remaining[stay], h[stay]
+                if remaining.numel() == 0:
+                    return Routed(logits_out, exits)
+        final = self.segments[-1](h)
+        if logits_out is None:
+            return Routed(final, exits)
+        logits_out[remaining] = final
+        return Routed(logits_out, exits)
+
+    def _route_single(self, x: torch.Tensor) -> Routed:
+        h = x
+        for k in range(self.num_exits):
+            h = self.segments[k](h)
+            logits = self.dyn.exits[k](h)
+            if confidence(logits / self.dyn.temperatures[k], self.criterion).item() >= self.dyn.thresholds[k].item():
+                return Routed(logits, torch.tensor([k], device=x.device))
+        return Routed(self.segments[-1](h), torch.tensor([self.num_exits], device=x.device))
+
+    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Every segment and every head, no exits taken: (final logits, exit logits per head)."""
+        outs, h = [], x
+        for k in range(self.num_exits):
+            h = self.segments[k](h)
+            outs.append(self.dyn.exits[k](h))
+        return self.segments[-1](h), outs
+
+    def forward_all_flat(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``forward_all`` as one list: final logits first, then each exit's logits."""
+        final, exits = self.forward_all(x)
+        return [final, *exits]
+
+    def exit_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(final logits, each head's parameter-free features): what a frozen backbone lets us cache."""
+        feats, h = [], x
+        for k in range(self.num_exits):
+            h = self.segments[k](h)
+            feats.append(self.dyn.exits[k].features(h))
+        return self.segments[-1](h), feats
+
+    def save(self, folder) -> None:
+        """Save the inserted state, the recipe and the plan to ``folder`` (see ``dynconvert.load``)."""
+        from dynconvert.convert.save import save_dynamic
+
+        save_dynamic(self, folder)
+
+    def static_flops(self) -> float:
+        """FLOPs per sample of the original network (all segments, no heads)."""
+        return float(sum(self.segment_flops))

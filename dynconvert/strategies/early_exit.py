@@ -1,0 +1,181 @@
+"""Early exit (BranchyNet / Shallow-Deep Networks / SCAN): classifiers part-way through the network.
+
+prepare: trace, find cut points, pick them by module name or by fraction of the FLOPs, insert
+exit heads with a graph pass, split the backbone into segments.
+fit: cache what the frozen backbone computes at each exit once, train every head on it with
+self-distillation from the final classifier, fit a temperature per exit and thresholds to the
+budget on held-out data.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from dynconvert.convert.calibrate import (
+    choose_operating_point,
+    exit_confidences,
+    fit_temperature,
+    greedy_threshold_sweep,
+)
+from dynconvert.convert.costs import count_flops, node_flops
+from dynconvert.convert.trace import trace
+from dynconvert.convert.train import fit_on_cached_features, freeze, map_batches
+from dynconvert.errors import DynconvertError
+from dynconvert.passes import CutPoint, exit_points_of, find_cut_points, insert_exit_heads, split_at
+from dynconvert.recipe import _check_choice, _check_range
+from dynconvert.runtime.early_exit import EarlyExitModel
+from dynconvert.runtime.heads import ExitHead
+from dynconvert.strategies.registry import Strategy, register_strategy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EarlyExitConfig:
+    """Where exits go and what they look like.
+
+    ``points`` names modules (``layer2.3``) whose output gets an exit; when empty, exits go
+    at the cut points nearest to each of ``fractions`` of the network's FLOPs (SDN-style).
+    """
+
+    points: list[str] = field(default_factory=list)
+    fractions: list[float] = field(default_factory=lambda: [0.15, 0.3, 0.45, 0.6, 0.75, 0.9])
+    head_pool: int = 4
+    head_hidden: int = 256
+    token_pooling: str = "mean"
+
+    def validate(self) -> None:
+        for f in self.fractions:
+            _check_range("options.fractions", f, 0.0, 1.0)
+        _check_range("options.head_pool", self.head_pool, 1, None)
+        _check_range("options.head_hidden", self.head_hidden, 0, None)
+        _check_choice("options.token_pooling", self.token_pooling, ("mean", "cls"))
+
+
+def choose_points(points: list[CutPoint], config: EarlyExitConfig) -> list[CutPoint]:
+    """The cut points the recipe asks for, in graph order, without duplicates."""
+    if not points:
+        raise DynconvertError("found no place to insert an exit: the traced graph has no block ends")
+    if config.points:
+        by_name = {name: p for p in points for name in p.modules}
+        missing = [n for n in config.points if n not in by_name]
+        if missing:
+            raise DynconvertError(
+                f"options.points names {', '.join(missing)}, which are no exit candidates; "
+                f"candidates: {', '.join(p.name for p in points)}"
+            )
+        chosen = {by_name[n].node: by_name[n] for n in config.points}
+    else:
+        chosen = {}
+        for fraction in config.fractions:
+            best = min(points, key=lambda p: abs(p.flops_fraction - fraction))
+            chosen[best.node] = best
+    order = {p.node: i for i, p in enumerate(points)}
+    return sorted(chosen.values(), key=lambda p: order[p.node])
+
+
+@register_strategy
+class EarlyExit(Strategy):
+    """Exit heads with confidence thresholds."""
+
+    name = "early-exit"
+    config_class = EarlyExitConfig
+
+    @staticmethod
+    def prepare(model, recipe, config: EarlyExitConfig, example: torch.Tensor, num_classes: int, exit_nodes=None):
+        """Trace ``model``, insert exit heads and return an untrained :class:`EarlyExitModel`."""
+        gm = trace(model, recipe.model.leaf_modules, example)
+        flops = node_flops(gm, example)
+        candidates = find_cut_points(gm, flops)
+        if exit_nodes is None:
+            chosen = choose_points(candidates, config)
+        else:
+            by_node = {p.node: p for p in candidates}
+            chosen = [by_node[n] for n in exit_nodes]
+        channels_last = False
+        heads = [
+            ExitHead(p.shape, num_classes, config.head_pool, config.head_hidden, config.token_pooling, channels_last)
+            for p in chosen
+        ]
+        gm = insert_exit_heads(gm, [p.node for p in chosen], heads)
+        segments = split_at(gm, exit_points_of(gm))
+        segment_flops, h = [], example
+        for segment in segments:
+            segment_flops.append(count_flops(segment, h))
+            with torch.no_grad():
+                h = segment(h)
+        head_flops = [count_flops(head, torch.zeros(2, *p.shape)) for head, p in zip(heads, chosen)]
+        dyn = EarlyExitModel(segments, heads, segment_flops, head_flops, recipe.calibrate.criterion)
+        dyn.plan = {
+            "replay": {"exit_nodes": [p.node for p in chosen]},
+            "exit_modules": [p.name for p in chosen],
+            "exit_flops_fractions": [p.flops_fraction for p in chosen],
+            "head_flops": head_flops,
+        }
+        return dyn.eval()
+
+    @staticmethod
+    def fit(dyn: EarlyExitModel, data, prep, recipe, config: EarlyExitConfig) -> dict:
+        """Train the heads on the fit split, then calibrate on the calibration split."""
+        device, train_cfg = recipe.device, recipe.train
+        if train_cfg.tune_backbone:
+            raise DynconvertError(
+                "train.tune_backbone is not supported by the early-exit strategy yet; "
+                "leave it empty to train the exits on a frozen backbone"
+            )
+        freeze(dyn.segments)
+        teacher, *features = map_batches(
+            lambda x: _flatten(dyn.exit_features(x)),
+            data.fit,
+            prep,
+            recipe.data.batch_size,
+            device,
+            "backbone features",
+        )
+        heads = dyn.dyn.exits
+        heads.train()
+        history = fit_on_cached_features(
+            [h.classify for h in heads],
+            [p for p in heads.parameters()],
+            [f.to(device) for f in features],
+            data.fit.labels.to(device),
+            teacher.to(device),
+            train_cfg,
+            recipe.seed,
+        )
+        heads.eval()
+        calibration = calibrate_exits(dyn, data.calibration, prep, recipe)
+        return {"train_loss": history, **calibration}
+
+
+def _flatten(result):
+    final, feats = result
+    return [final, *feats]
+
+
+def calibrate_exits(dyn: EarlyExitModel, split, prep, recipe) -> dict:
+    """Fit per-exit temperatures and thresholds on ``split``; set them on ``dyn``; return the sweep."""
+    cal = recipe.calibrate
+    final, *exit_logits = map_batches(
+        dyn.forward_all_flat, split, prep, recipe.data.batch_size, recipe.device, "calibration"
+    )
+    labels = split.labels
+    reference = final.argmax(1) if cal.reference == "agreement" else labels
+    temperatures = [fit_temperature(lg, reference) for lg in exit_logits]
+    conf = exit_confidences(exit_logits, temperatures, cal.criterion)
+    exit_correct = torch.stack([lg.argmax(1) == reference for lg in exit_logits])
+    final_correct = final.argmax(1) == reference
+    path = greedy_threshold_sweep(conf, exit_correct, final_correct, dyn.exit_costs(), dyn.static_flops())
+    chosen = choose_operating_point(path, cal.max_accuracy_drop, cal.flops_ratio)
+    dyn.dyn.temperatures.copy_(torch.tensor(temperatures))
+    dyn.dyn.thresholds.copy_(torch.tensor(chosen.thresholds))
+    return {
+        "temperatures": temperatures,
+        "sweep": [p.__dict__ for p in path],
+        "chosen": chosen.__dict__,
+        "calibration_static_accuracy": float((final.argmax(1) == labels).float().mean()),
+        "calibration_reference": cal.reference,
+    }
