@@ -102,6 +102,9 @@ class EvaluateConfig:
 
     latency_samples: int = 200
 
+    def validate(self) -> None:
+        _check_range("evaluate.latency_samples", self.latency_samples, 0, None)
+
 
 @dataclass
 class Recipe:
@@ -122,8 +125,10 @@ class Recipe:
         from dynconvert.strategies import get_strategy
 
         strategy = get_strategy(self.strategy)
-        for section in (self.data, self.train, self.calibrate):
+        for section in (self.data, self.train, self.calibrate, self.evaluate):
             section.validate()
+        _check_range("seed", self.seed, 0, 2**32 - 1)
+        _check_range("model.num_classes", self.model.num_classes, 1, None)
         _check_choice("device", self.device.split(":")[0], ("cpu", "cuda"))
         strategy_config(self, strategy)
 
@@ -197,6 +202,8 @@ def _coerce(hint, value, key: str, source: str | None):
 def _check_range(key: str, value, low, high) -> None:
     if value is None:
         return
+    if value != value:  # NaN passes every comparison
+        raise DynconvertError(f"recipe key '{key}' must be a number, got NaN")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise DynconvertError(f"recipe key '{key}' must be {bounds}, got {value}")
@@ -296,6 +303,7 @@ def build_recipe(
     name = recipe or (default_recipe_name(model, strategy or "early-exit") if model else None)
     if name:
         data, source = read_recipe_source(name)
+        from_dict(Recipe, data, source=source)  # errors in the file itself name the file
     if model:
         data.setdefault("model", {})["name"] = model
     if strategy:
@@ -303,7 +311,7 @@ def build_recipe(
     items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
     for keys, value in items:
         apply_override(data, keys.split(".") if isinstance(keys, str) else keys, value)
-    result = from_dict(Recipe, data, source=source)
+    result = from_dict(Recipe, data, source="the overrides" if items else source)
     if not result.model.name:
         raise DynconvertError("the recipe names no model: pass MODEL on the command line or set model.name")
     result.validate()

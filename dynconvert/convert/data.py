@@ -79,8 +79,6 @@ def open_dataset(config: DataConfig):
     if not config.path:
         raise DynconvertError("no data set given: pass --data PATH_OR_NAME or set data.path in the recipe")
     try:
-        if Path(config.path).exists():
-            return datasets.load_dataset(config.path)
         return datasets.load_dataset(config.path)
     except Exception as exc:
         raise DynconvertError(
@@ -170,7 +168,7 @@ def _decode(item, prep: Preprocess) -> np.ndarray:
             )
             left, top = (img.size[0] - width) // 2, (img.size[1] - height) // 2
             img = img.crop((left, top, left + width, top + height))
-        return np.asarray(img, dtype=np.uint8)
+        return np.array(img, dtype=np.uint8)
 
 
 def _cache_dir() -> Path:

@@ -34,21 +34,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_output(out: str | Path | None, recipe: Recipe, force: bool) -> Path | None:
-    """Check the output folder can be written without losing anything; create it."""
+def check_output(out: str | Path | None, force: bool) -> Path | None:
+    """Refuse, before any work, an output folder that holds something, unless ``force``."""
     if out is None:
         return None
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not force:
-            raise DynconvertError(
-                f"output folder '{out}' exists and is not empty; choose another --out or pass --force"
-            )
-        if out.is_dir():
-            shutil.rmtree(out)
-        else:
-            out.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise DynconvertError(f"output folder '{out}' exists and is not empty; choose another --out or pass --force")
     return out
 
 
@@ -64,7 +56,7 @@ def convert_recipe(recipe: Recipe, model: nn.Module | None = None, out: str | Pa
     When ``out`` is given the recipe, model, report.json and report.png are written there.
     """
     started = time.perf_counter()
-    out_dir = prepare_output(out, recipe, force)
+    out_dir = check_output(out, force)
     seed_everything(recipe.seed)
     strategy = get_strategy(recipe.strategy)
     config = strategy_config(recipe, strategy)
@@ -121,12 +113,24 @@ def convert_recipe(recipe: Recipe, model: nn.Module | None = None, out: str | Pa
 
 
 def write_outputs(dyn, report: dict, out_dir: Path) -> None:
-    """recipe.yaml, model/, report.json and report.png into ``out_dir``."""
-    (out_dir / "recipe.yaml").write_text(dyn.recipe.to_yaml())
-    save_dynamic(dyn, out_dir / "model")
-    write_json_atomic(out_dir / "report.json", report)
+    """recipe.yaml, model/, report.json and report.png into ``out_dir``.
+
+    Everything is written into a sibling folder first and moved into place at the end, so an
+    interrupted run leaves the previous output (if any) as it was.
+    """
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    (staging / "recipe.yaml").write_text(dyn.recipe.to_yaml())
+    save_dynamic(dyn, staging / "model")
+    write_json_atomic(staging / "report.json", report)
     title = f"{report['model']} {report['strategy']}: {report['splits']['evaluation']} split"
-    plot_report(out_dir / "report.png", report, title)
+    plot_report(staging / "report.png", report, title)
+    if out_dir.is_dir():
+        shutil.rmtree(out_dir)
+    elif out_dir.exists():
+        out_dir.unlink()
+    staging.rename(out_dir)
 
 
 def sweep_on_split(dyn, split, prep, recipe, sweep: list[dict]) -> list[dict]:

@@ -87,6 +87,9 @@ def load_dynamic(folder: str | Path, model: nn.Module | None = None, device: str
         weights = base_info.get("weights")
         if weights and Path(weights).is_file() and file_sha256(weights) != base_info.get("weights_sha256"):
             raise DynconvertError(f"base weights '{weights}' changed since the model was saved (sha256 differs)")
+        from dynconvert.convert.pipeline import seed_everything
+
+        seed_everything(recipe.seed)  # a randomly initialised base is rebuilt as it was built
         model = build_model(recipe.model)
     strategy = get_strategy(meta["strategy"])
     config = strategy_config(recipe, strategy)

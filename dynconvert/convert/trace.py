@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
@@ -36,7 +38,7 @@ def trace(model: nn.Module, leaf_modules: list[str] | tuple[str, ...] = (), exam
 
     tracer = LeafTracer(tuple(get_notrace_modules()) + (DynModule,), tuple(leaf_modules))
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_optional_arguments(model))
     except Exception as exc:
         where = _innermost_module(exc)
         raise DynconvertError(
@@ -47,6 +49,16 @@ def trace(model: nn.Module, leaf_modules: list[str] | tuple[str, ...] = (), exam
     if example is not None:
         ShapeProp(gm).propagate(example)
     return gm
+
+
+def _optional_arguments(model: nn.Module) -> dict:
+    """Fix every forward argument after the input to its default (timm's ViT takes masks)."""
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    return {
+        p.name: p.default
+        for p in params
+        if p.default is not inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD
+    }
 
 
 def _innermost_module(exc: Exception) -> str:

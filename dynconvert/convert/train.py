@@ -93,7 +93,7 @@ def fit_on_cached_features(
             loss.backward()
             optimizer.step()
             scheduler.step()
-            running += float(loss) * len(index)
+            running += loss.item() * len(index)
         history.append(running / len(labels) / max(1, len(classifiers)))
     return history
 

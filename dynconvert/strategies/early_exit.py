@@ -94,6 +94,11 @@ class EarlyExit(Strategy):
             chosen = choose_points(candidates, config)
         else:
             by_node = {p.node: p for p in candidates}
+            unknown = [n for n in exit_nodes if n not in by_node]
+            if unknown:
+                raise DynconvertError(
+                    f"saved exit points {', '.join(unknown)} are not in the traced model: it changed since saving"
+                )
             chosen = [by_node[n] for n in exit_nodes]
         channels_last = False
         heads = [

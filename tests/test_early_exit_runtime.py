@@ -1,0 +1,195 @@
+"""The early-exit runtime: an unconverted model equals the original, and exits really skip work."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch.testing import assert_close
+
+import dynconvert  # noqa: F401  (registers the CIFAR ResNets)
+from dynconvert.convert.calibrate import simulate_exits
+from dynconvert.runtime.confidence import confidence
+from dynconvert.runtime.early_exit import EarlyExitModel
+
+TIGHT = dict(rtol=1e-6, atol=1e-6)
+# batched and per-sample convolutions may differ in the last bits
+LOOSE = dict(rtol=1e-4, atol=1e-5)
+
+INVARIANCE_MODELS = [
+    ("cifar_resnet20", dict(num_classes=3)),
+    ("test_resnet", dict(pretrained=False)),
+]
+
+
+@pytest.fixture
+def small_dyn(prepare_early_exit):
+    """cifar_resnet20 (random, 3 classes) with two exits, and the original model."""
+    model = timm.create_model("cifar_resnet20", num_classes=3).eval()
+    dyn = prepare_early_exit(model, overrides={"options.fractions": [0.3, 0.6]})
+    assert dyn.num_exits == 2
+    return dyn, model
+
+
+def count_calls(dyn: EarlyExitModel) -> dict[str, list[int]]:
+    """Record, per sample count, every call of each segment and each exit head."""
+    calls: dict[str, list[int]] = {}
+    for kind, modules in (("segment", dyn.segments), ("head", dyn.dyn.exits)):
+        for k, module in enumerate(modules):
+            name = f"{kind}{k}"
+            calls[name] = []
+            module.register_forward_hook(lambda m, args, out, name=name: calls[name].append(args[0].shape[0]))
+    return calls
+
+
+@pytest.mark.parametrize("name,kwargs", INVARIANCE_MODELS, ids=[m for m, _ in INVARIANCE_MODELS])
+def test_no_exit_taken_equals_original(name, kwargs, prepare_early_exit):
+    model = timm.create_model(name, **kwargs).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dyn = prepare_early_exit(model, name=name)
+    assert dyn.num_exits >= 2
+    assert torch.all(dyn.dyn.thresholds > 1.0), "initial thresholds must be above any confidence"
+    size = model.pretrained_cfg["input_size"]
+    for batch in (1, 8):
+        x = torch.randn(batch, *size)
+        with torch.no_grad():
+            expected = model(x)
+            routed = dyn.route(x)
+            called = dyn(x)
+        assert_close(routed.logits, expected, **TIGHT)
+        assert_close(called, expected, **TIGHT)
+        assert routed.exits.tolist() == [dyn.num_exits] * batch
+        assert dyn.last_exits.tolist() == [dyn.num_exits] * batch
+    # prepare reads the model, it does not change it
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_forward_all_final_logits_equal_original(small_dyn):
+    dyn, model = small_dyn
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        final, exit_logits = dyn.forward_all(x)
+        expected = model(x)
+    assert_close(final, expected, **TIGHT)
+    assert [tuple(lg.shape) for lg in exit_logits] == [(4, 3)] * dyn.num_exits
+
+
+def test_inserted_state_lives_under_dyn_prefix(small_dyn):
+    dyn, model = small_dyn
+    inserted = {k for k in dyn.state_dict() if k.startswith("dyn.")}
+    assert {"dyn.thresholds", "dyn.temperatures"} <= inserted
+    assert all(k.startswith("dyn.") for k, _ in dyn.named_parameters() if ".exits." in k)
+    backbone = sum(p.numel() for k, p in dyn.named_parameters() if not k.startswith("dyn."))
+    assert backbone == sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for p in dyn.dyn.parameters()) > 0
+
+
+def test_exit_costs_and_static_flops(small_dyn):
+    dyn, _ = small_dyn
+    costs = dyn.exit_costs()
+    assert costs.shape == (dyn.num_exits + 1,)
+    assert torch.all(costs[1:] > costs[:-1]), "leaving later must cost more"
+    assert costs[-1] == pytest.approx(dyn.static_flops() + sum(dyn.head_flops))
+    # cifar_resnet20: about 41M multiply-accumulates per 32x32 image
+    assert 7e7 < dyn.static_flops() < 9e7
+
+
+@pytest.mark.parametrize("batch", [1, 6])
+def test_first_exit_skips_every_later_segment(small_dyn, batch):
+    dyn, _ = small_dyn
+    dyn.dyn.thresholds.copy_(torch.tensor([0.0, 2.0]))
+    calls = count_calls(dyn)
+    x = torch.randn(batch, 3, 32, 32)
+    with torch.no_grad():
+        routed = dyn.route(x)
+        expected = dyn.dyn.exits[0](dyn.segments[0](x))
+    assert routed.exits.tolist() == [0] * batch
+    assert_close(routed.logits, expected, **TIGHT)
+    assert calls["segment1"] == calls["segment2"] == calls["head1"] == []
+    assert calls["segment0"] == [batch, batch]  # once in route, once for `expected`
+
+
+@pytest.mark.parametrize("batch", [1, 6])
+def test_second_exit_skips_the_last_segment(small_dyn, batch):
+    dyn, _ = small_dyn
+    dyn.dyn.thresholds.copy_(torch.tensor([2.0, 0.0]))
+    calls = count_calls(dyn)
+    with torch.no_grad():
+        routed = dyn.route(torch.randn(batch, 3, 32, 32))
+    assert routed.exits.tolist() == [1] * batch
+    assert calls["segment0"] == calls["segment1"] == calls["head0"] == calls["head1"] == [batch]
+    assert calls["segment2"] == []
+
+
+def test_hooks_see_every_segment_when_no_exit_is_taken(small_dyn):
+    """Positive control for the skipping tests: the hooks do fire."""
+    dyn, _ = small_dyn
+    calls = count_calls(dyn)
+    with torch.no_grad():
+        dyn.route(torch.randn(3, 3, 32, 32))
+    assert all(calls[name] == [3] for name in ("segment0", "segment1", "segment2", "head0", "head1"))
+
+
+def _thresholds_for_mixed_exits(dyn: EarlyExitModel, x: torch.Tensor) -> torch.Tensor:
+    """Thresholds with which half the batch leaves at exit 0, half the rest at exit 1.
+
+    Each threshold lies midway between two confidences, far from any sample, so that
+    batch-size-dependent rounding cannot flip a decision.
+    """
+    with torch.no_grad():
+        _, exit_logits = dyn.forward_all(x)
+    conf = torch.stack([confidence(lg / t, dyn.criterion) for lg, t in zip(exit_logits, dyn.dyn.temperatures.tolist())])
+    remaining = torch.ones(x.shape[0], dtype=torch.bool)
+    thresholds = []
+    for k in range(dyn.num_exits):
+        values = conf[k][remaining].sort().values
+        middle = len(values) // 2
+        assert values[middle] - values[middle - 1] > 1e-4, "confidences too close for a robust test"
+        threshold = float(values[middle - 1] + values[middle]) / 2
+        thresholds.append(threshold)
+        remaining &= conf[k] < threshold
+    return torch.tensor(thresholds)
+
+
+@pytest.mark.parametrize("criterion", ["max_softmax", "entropy"])
+def test_mixed_exits_batched_equals_per_sample(small_dyn, criterion):
+    dyn, _ = small_dyn
+    dyn.criterion = criterion
+    dyn.dyn.temperatures.copy_(torch.tensor([1.5, 0.7]))
+    x = torch.randn(16, 3, 32, 32)
+    dyn.dyn.thresholds.copy_(_thresholds_for_mixed_exits(dyn, x))
+    with torch.no_grad():
+        batched = dyn.route(x)
+        single = [dyn.route(x[i : i + 1]) for i in range(len(x))]
+    assert torch.bincount(batched.exits, minlength=3).tolist() == [8, 4, 4]
+    assert batched.exits.tolist() == [int(s.exits) for s in single]
+    assert_close(batched.logits, torch.cat([s.logits for s in single]), **LOOSE)
+
+
+def test_mixed_exits_match_the_all_exits_reference(small_dyn):
+    """route(x) equals computing every exit (forward_all) and taking the first confident one."""
+    dyn, _ = small_dyn
+    x = torch.randn(16, 3, 32, 32)
+    dyn.dyn.thresholds.copy_(_thresholds_for_mixed_exits(dyn, x))
+    calls = count_calls(dyn)
+    with torch.no_grad():
+        routed = dyn.route(x)
+    assert calls["segment0"] == [16] and calls["segment1"] == [8] and calls["segment2"] == [4]
+    with torch.no_grad():
+        final, exit_logits = dyn.forward_all(x)
+    conf = torch.stack([confidence(lg, dyn.criterion) for lg in exit_logits])
+    expected_exits = simulate_exits(conf, dyn.dyn.thresholds)
+    assert routed.exits.tolist() == expected_exits.tolist()
+    all_logits = torch.stack([*exit_logits, final])
+    assert_close(routed.logits, all_logits[expected_exits, torch.arange(16)], **LOOSE)
+
+
+def test_exit_points_chosen_by_module_name(prepare_early_exit):
+    model = timm.create_model("cifar_resnet20", num_classes=3)
+    dyn = prepare_early_exit(model, overrides={"options.points": ["layer2.0", "layer1"]})
+    # graph order, whatever the order in the recipe; a stage name means its last block
+    assert dyn.plan["exit_modules"] == ["layer1.2", "layer2.0"]
+    fractions = dyn.plan["exit_flops_fractions"]
+    assert 0 < fractions[0] < fractions[1] < 1
