@@ -80,7 +80,7 @@ class CalibrateConfig:
     max_accuracy_drop: float | None = 0.01
     flops_ratio: float | None = None
     criterion: str = "max_softmax"
-    reference: str = "agreement"
+    reference: str = "labels"
 
     def validate(self) -> None:
         if (self.max_accuracy_drop is None) == (self.flops_ratio is None):

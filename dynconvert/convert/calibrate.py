@@ -38,22 +38,28 @@ class SweepPoint:
 
 def simulate_exits(conf: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """Exit index per sample for confidences ``conf`` (exits x samples); len(thresholds) = no exit."""
+    if conf.shape[0] == 0:
+        return torch.zeros(conf.shape[1], dtype=torch.long)
     passes = conf >= thresholds[:, None]
-    first = torch.where(
-        passes.any(0), passes.float().argmax(0), torch.full_like(passes[0], len(thresholds), dtype=torch.long)
-    )
-    return first.long()
+    never = torch.full((conf.shape[1],), len(thresholds), dtype=torch.long)
+    return torch.where(passes.any(0), passes.float().argmax(0).long(), never)
 
 
-def greedy_threshold_sweep(
+def threshold_sweep(
     conf: torch.Tensor,
     exit_correct: torch.Tensor,
     final_correct: torch.Tensor,
     exit_costs: torch.Tensor,
     static_cost: float,
-    levels: int = 60,
+    levels: int = 40,
+    tradeoffs: int = 40,
+    rounds: int = 3,
 ) -> list[SweepPoint]:
-    """Lower per-exit thresholds one step at a time, best FLOPs saved per accuracy lost first.
+    """Per-exit thresholds that minimise ``FLOPs ratio + lambda * accuracy drop``, for a range of lambda.
+
+    For each lambda (cheap-first to accurate-first), coordinate descent over the exits: each
+    exit's threshold is set to the best of ``levels`` quantiles of its confidences with the
+    others held, ``rounds`` times. Each lambda starts from the previous solution.
 
     Args:
         conf: (exits, samples) calibrated confidences.
@@ -62,44 +68,47 @@ def greedy_threshold_sweep(
         exit_costs: (exits + 1,) FLOPs of leaving at each exit; the last is the full network.
         static_cost: FLOPs of the original network, the denominator of every ratio.
 
-    Returns the path from "never exit" to "always exit at the first head".
+    Returns the operating points found, one per lambda, plus "never exit".
     """
     n_exits, n = conf.shape
+    quantiles = torch.linspace(1.0, 0.0, levels + 1, dtype=torch.float64)
     grids = [
-        torch.quantile(conf[k].double(), torch.linspace(1.0, 0.0, levels + 1, dtype=torch.float64)).float()
-        for k in range(n_exits)
+        torch.cat([torch.tensor([2.0]), torch.quantile(conf[k].double(), quantiles).float()]) for k in range(n_exits)
     ]
-    grids = [torch.cat([torch.tensor([2.0]), g]) for g in grids]
-    step = [0] * n_exits
     correct = torch.cat([exit_correct, final_correct[None]]).float()
+    ratio = exit_costs.double() / static_cost
+    base_accuracy = float(final_correct.float().mean())
     columns = torch.arange(n)
+    thresholds = torch.full((n_exits,), 2.0)
 
-    def evaluate(thr_steps):
-        thresholds = torch.stack([grids[k][s] for k, s in enumerate(thr_steps)])
-        exits = simulate_exits(conf, thresholds)
-        cost = exit_costs[exits].mean() / static_cost
-        drop = (final_correct.float().mean() - correct[exits, columns].mean()).item()
-        return thresholds, exits, float(cost), drop
+    def measure(th):
+        exits = simulate_exits(conf, th)
+        return exits, float(ratio[exits].mean()), base_accuracy - float(correct[exits, columns].mean())
 
-    thresholds, exits, cost, drop = evaluate(step)
+    exits, cost, drop = measure(thresholds)
     path = [_point(thresholds, exits, cost, drop, n_exits)]
-    while True:
-        best = None
-        for k in range(n_exits):
-            if step[k] + 1 >= len(grids[k]):
-                continue
-            trial = list(step)
-            trial[k] += 1
-            t, e, c, d = evaluate(trial)
-            saved, lost = cost - c, d - drop
-            score = saved / max(lost, 1e-4) if saved > 0 else -1.0 / max(lost + 1e-3, 1e-6)
-            if best is None or score > best[0]:
-                best = (score, trial, t, e, c, d)
-        if best is None:
-            break
-        _, step, thresholds, exits, cost, drop = best
+    for lam in torch.logspace(2.5, -0.5, tradeoffs).tolist():
+        for _ in range(rounds):
+            for k in range(n_exits):
+                thresholds[k] = _best_threshold(conf, thresholds, k, grids[k], ratio, correct, lam)
+        exits, cost, drop = measure(thresholds)
         path.append(_point(thresholds, exits, cost, drop, n_exits))
     return path
+
+
+def _best_threshold(conf, thresholds, k, grid, ratio, correct, lam) -> float:
+    """The value of exit k's threshold in ``grid`` minimising cost + lam * drop, others fixed."""
+    n_exits, n = conf.shape
+    passes = conf >= thresholds[:, None]
+    before = passes[:k].any(0)
+    alternative = simulate_exits(conf[k + 1 :], thresholds[k + 1 :]) + k + 1
+    alternative = torch.where(before, simulate_exits(conf[:k], thresholds[:k]), alternative)
+    leave = (~before)[None] & (conf[k][None] >= grid[:, None])  # (grid, samples)
+    exits = torch.where(leave, torch.full_like(alternative, k)[None], alternative[None])
+    cost = ratio[exits].mean(1)
+    accuracy = correct.gather(0, exits.clamp(max=n_exits)).mean(1)
+    best = torch.argmin(cost - lam * accuracy.double())
+    return float(grid[best])
 
 
 def _point(thresholds, exits, cost, drop, n_exits) -> SweepPoint:

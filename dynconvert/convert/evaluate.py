@@ -26,23 +26,25 @@ def evaluate_static(model: nn.Module, split: ImageSplit, prep: Preprocess, batch
 
 @torch.inference_mode()
 def evaluate_dynamic(dyn, split: ImageSplit, prep: Preprocess, batch_size: int, device: str) -> dict:
-    """Accuracy and FLOPs of the dynamic model with its decisions actually taken, batch by batch."""
-    correct, exits = 0, []
+    """Accuracy and FLOPs of the dynamic model with its decisions actually taken, batch by batch.
+
+    The model supplies ``route(x)`` (logits and decisions), ``decision_record(routed)`` (one
+    row per sample), ``flops_of(records)`` and ``summarize(records)`` (strategy-specific figures).
+    """
+    correct, records = 0, []
     for images, labels, _ in tqdm(
         batches(split, prep, batch_size, device), desc="evaluate dynamic", total=-(-len(split) // batch_size)
     ):
         routed = dyn.route(images)
         correct += int((routed.logits.argmax(1) == labels).sum())
-        exits.append(routed.exits.cpu())
-    exits = torch.cat(exits)
-    costs = dyn.exit_costs()[exits]
-    histogram = torch.bincount(exits, minlength=dyn.num_exits + 1)
+        records.append(dyn.decision_record(routed).cpu())
+    records = torch.cat(records)
     return {
         "accuracy": correct / len(split),
-        "flops": float(costs.mean()),
+        "flops": float(dyn.flops_of(records).mean()),
         "samples": len(split),
-        "exit_histogram": histogram.tolist(),
-        "exits": exits,
+        "decisions": records,
+        **dyn.summarize(records),
     }
 
 

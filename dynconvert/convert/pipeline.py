@@ -14,12 +14,10 @@ import torch
 from torch import nn
 
 from dynconvert.convert.build import build_model, file_sha256
-from dynconvert.convert.calibrate import exit_confidences, simulate_exits
 from dynconvert.convert.data import Preprocess, load_conversion_data
 from dynconvert.convert.evaluate import evaluate_dynamic, evaluate_static, measure_latency
 from dynconvert.convert.report import build_report, plot_report, write_json_atomic
 from dynconvert.convert.save import save_dynamic, versions
-from dynconvert.convert.train import map_batches
 from dynconvert.errors import DynconvertError
 from dynconvert.recipe import Recipe, build_recipe, strategy_config
 from dynconvert.strategies import get_strategy
@@ -96,11 +94,11 @@ def convert_recipe(recipe: Recipe, model: nn.Module | None = None, out: str | Pa
         "model": recipe.model.name,
         "strategy": recipe.strategy,
         "plan": dyn.plan,
-        "inserted_flops": float(sum(dyn.head_flops)),
+        "inserted_flops": dyn.inserted_flops(),
         "calibration": fitted,
-        "calibration_correction": _calibration_note(recipe, data),
+        "calibration_check": _calibration_note(recipe, data, fitted, static, dynamic),
         "latency": latency,
-        "sweep_on_evaluation": sweep_on_split(dyn, data.evaluation, prep, recipe, fitted.get("sweep", [])),
+        "sweep_on_evaluation": strategy.sweep_on_split(dyn, data.evaluation, prep, recipe, fitted.get("sweep", [])),
         "versions": versions(),
         "base": dyn.base_info,
         "seconds": time.perf_counter() - started,
@@ -133,38 +131,34 @@ def write_outputs(dyn, report: dict, out_dir: Path) -> None:
     staging.rename(out_dir)
 
 
-def sweep_on_split(dyn, split, prep, recipe, sweep: list[dict]) -> list[dict]:
-    """Accuracy and FLOPs ratio on ``split`` of each calibration-sweep operating point.
-
-    Only for the plot: the operating point itself was chosen on calibration data.
-    """
-    if not sweep or not hasattr(dyn, "forward_all"):
-        return []
-    final, *exit_logits = map_batches(
-        dyn.forward_all_flat, split, prep, recipe.data.batch_size, recipe.device, "sweep on evaluation"
-    )
-    temperatures = dyn.dyn.temperatures.cpu().tolist()
-    conf = exit_confidences(exit_logits, temperatures, recipe.calibrate.criterion)
-    preds = torch.stack([lg.argmax(1) for lg in exit_logits] + [final.argmax(1)])
-    costs = dyn.exit_costs()
-    columns = torch.arange(len(split))
-    points = []
-    for p in sweep[:: max(1, len(sweep) // 100)] + [sweep[-1]]:
-        exits = simulate_exits(conf, torch.tensor(p["thresholds"]))
-        acc = (preds[exits, columns] == split.labels).float().mean()
-        points.append({"flops_ratio": float(costs[exits].mean()) / dyn.static_flops(), "accuracy": float(acc)})
-    return points
-
-
-def _calibration_note(recipe: Recipe, data) -> str:
+def _calibration_note(recipe: Recipe, data, fitted: dict, static: dict, dynamic: dict) -> dict:
+    """What the calibration assumed and how its estimate compares with the evaluation."""
+    held_out = data.calibration.name.startswith(data.fit.name.split("[")[0] + "[held-out")
     if recipe.calibrate.reference == "agreement":
         how = (
-            "thresholds bound the disagreement with the full network's prediction (an upper bound on the "
-            "accuracy lost), not the label accuracy, since the backbone saw the training images"
+            "thresholds bound the disagreement with the full network's prediction, an upper bound on the "
+            "accuracy lost that needs no labels the backbone may have memorised"
+        )
+    elif held_out:
+        how = (
+            "thresholds fitted to label accuracy on training images the backbone has seen; this estimate of "
+            "the accuracy lost is conservative while the full network is flattered by them at least as much as "
+            "the exits (compare static accuracy on calibration and evaluation data below); "
+            "use calibrate.reference=agreement for a bound without that assumption"
         )
     else:
-        how = "thresholds fitted to label accuracy"
-    return f"calibrated on '{data.calibration.name}': {how}"
+        how = "thresholds fitted to label accuracy on a validation split"
+    chosen = fitted.get("chosen", {})
+    return {
+        "split": data.calibration.name,
+        "reference": recipe.calibrate.reference,
+        "method": how,
+        "static_accuracy_on_calibration": fitted.get("calibration_static_accuracy"),
+        "static_accuracy_on_evaluation": static["accuracy"],
+        "estimated_accuracy_drop": chosen.get("accuracy_drop"),
+        "measured_accuracy_drop": static["accuracy"] - dynamic["accuracy"],
+        "estimated_flops_ratio": chosen.get("flops_ratio"),
+    }
 
 
 def _num_classes(model: nn.Module) -> int | None:

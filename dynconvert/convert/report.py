@@ -20,11 +20,7 @@ def build_report(static: dict, dynamic: dict, static_flops: float, splits: dict,
     """Assemble the report dictionary from the static and dynamic evaluations."""
     return {
         "static": {"accuracy": static["accuracy"], "flops": static_flops},
-        "dynamic": {
-            "accuracy": dynamic["accuracy"],
-            "flops": dynamic["flops"],
-            "exit_histogram": dynamic["exit_histogram"],
-        },
+        "dynamic": {k: v for k, v in dynamic.items() if k not in ("samples", "decisions")},
         "accuracy_change": dynamic["accuracy"] - static["accuracy"],
         "flops_ratio": dynamic["flops"] / static_flops,
         "evaluated_samples": dynamic["samples"],

@@ -69,10 +69,13 @@ def single_live_nodes(graph: fx.Graph) -> list[fx.Node]:
     return result
 
 
-def find_cut_points(gm: fx.GraphModule, flops_per_node: dict[str, float] | None = None) -> list[CutPoint]:
+def find_cut_points(
+    gm: fx.GraphModule, flops_per_node: dict[str, float] | None = None, keep_last: bool = False
+) -> list[CutPoint]:
     """Cut points of a shape-propagated graph that end a named module (a block or a stage).
 
-    Points with no batch dimension or at the very end (the classifier's input) are dropped.
+    Points with no batch dimension are dropped, and so are points at the very end (the
+    classifier's input, no place for an exit) unless ``keep_last``.
     """
     nodes = [n for n in gm.graph.nodes if n.op != "get_attr"]
     position = {n: i for i, n in enumerate(nodes)}
@@ -103,8 +106,7 @@ def find_cut_points(gm: fx.GraphModule, flops_per_node: dict[str, float] | None 
                 flops_fraction=cumulative[n] / total,
             )
         )
-    # the classifier's own input is no place for an exit
-    return [p for p in points if p.flops_fraction < 0.999]
+    return points if keep_last else [p for p in points if p.flops_fraction < 0.999]
 
 
 def example_input(gm_or_cfg_input_size: tuple[int, ...], batch: int = 2) -> torch.Tensor:

@@ -129,11 +129,27 @@ class EarlyExitModel(nn.Module):
             feats.append(self.dyn.exits[k].features(h))
         return self.segments[-1](h), feats
 
+    def decision_record(self, routed: Routed) -> torch.Tensor:
+        """What was decided per sample: the exit index."""
+        return routed.exits
+
+    def flops_of(self, exits: torch.Tensor) -> torch.Tensor:
+        """FLOPs per sample for the exits taken."""
+        return self.exit_costs()[exits]
+
+    def summarize(self, exits: torch.Tensor) -> dict:
+        """Report figures: how many samples left at each exit (the last: the full network)."""
+        return {"exit_histogram": torch.bincount(exits, minlength=self.num_exits + 1).tolist()}
+
     def save(self, folder) -> None:
         """Save the inserted state, the recipe and the plan to ``folder`` (see ``dynconvert.load``)."""
         from dynconvert.convert.save import save_dynamic
 
         save_dynamic(self, folder)
+
+    def inserted_flops(self) -> float:
+        """FLOPs per sample of all exit heads (what a sample that runs to the end pays extra)."""
+        return float(sum(self.head_flops))
 
     def static_flops(self) -> float:
         """FLOPs per sample of the original network (all segments, no heads)."""

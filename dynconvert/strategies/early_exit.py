@@ -18,7 +18,8 @@ from dynconvert.convert.calibrate import (
     choose_operating_point,
     exit_confidences,
     fit_temperature,
-    greedy_threshold_sweep,
+    simulate_exits,
+    threshold_sweep,
 )
 from dynconvert.convert.costs import count_flops, node_flops
 from dynconvert.convert.trace import trace
@@ -155,6 +156,29 @@ class EarlyExit(Strategy):
         calibration = calibrate_exits(dyn, data.calibration, prep, recipe)
         return {"train_loss": history, **calibration}
 
+    @staticmethod
+    def sweep_on_split(dyn, split, prep, recipe, sweep: list[dict]) -> list[dict]:
+        """Accuracy and FLOPs ratio on ``split`` of each calibration-sweep operating point.
+
+        Only for the plot: the operating point itself was chosen on calibration data.
+        """
+        if not sweep or not hasattr(dyn, "forward_all"):
+            return []
+        final, *exit_logits = map_batches(
+            dyn.forward_all_flat, split, prep, recipe.data.batch_size, recipe.device, "sweep on evaluation"
+        )
+        temperatures = dyn.dyn.temperatures.cpu().tolist()
+        conf = exit_confidences(exit_logits, temperatures, recipe.calibrate.criterion)
+        preds = torch.stack([lg.argmax(1) for lg in exit_logits] + [final.argmax(1)])
+        costs = dyn.exit_costs()
+        columns = torch.arange(len(split))
+        points = []
+        for p in sweep[:: max(1, len(sweep) // 100)] + [sweep[-1]]:
+            exits = simulate_exits(conf, torch.tensor(p["thresholds"]))
+            acc = (preds[exits, columns] == split.labels).float().mean()
+            points.append({"flops_ratio": float(costs[exits].mean()) / dyn.static_flops(), "accuracy": float(acc)})
+        return points
+
 
 def _flatten(result):
     final, feats = result
@@ -173,7 +197,7 @@ def calibrate_exits(dyn: EarlyExitModel, split, prep, recipe) -> dict:
     conf = exit_confidences(exit_logits, temperatures, cal.criterion)
     exit_correct = torch.stack([lg.argmax(1) == reference for lg in exit_logits])
     final_correct = final.argmax(1) == reference
-    path = greedy_threshold_sweep(conf, exit_correct, final_correct, dyn.exit_costs(), dyn.static_flops())
+    path = threshold_sweep(conf, exit_correct, final_correct, dyn.exit_costs(), dyn.static_flops())
     chosen = choose_operating_point(path, cal.max_accuracy_drop, cal.flops_ratio)
     dyn.dyn.temperatures.copy_(torch.tensor(temperatures))
     dyn.dyn.thresholds.copy_(torch.tensor(chosen.thresholds))

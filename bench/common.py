@@ -1,0 +1,64 @@
+"""Shared helpers of the benchmarks: where the assets are, what machine ran, running the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("DYNCONVERT_SHARED", REPO.parent / "shared"))
+RESULTS = REPO / "bench" / "results"
+OUT = REPO / "bench" / "out"
+
+
+def machine() -> dict:
+    """A description of the machine the numbers came from."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def run_cli(args: list[str], out: Path, cold_cache: bool = True) -> tuple[dict, float]:
+    """Run ``dynconvert ARGS --out OUT --force`` as a user would; return (report, wall seconds).
+
+    With ``cold_cache`` the decoded-image cache starts empty, so decoding counts in the time.
+    """
+    env = dict(os.environ)
+    with tempfile.TemporaryDirectory() as cache:
+        if cold_cache:
+            env["DYNCONVERT_CACHE"] = cache
+        start = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "dynconvert.cli", *args, "--out", str(out), "--force"], check=True, env=env
+        )
+        seconds = time.perf_counter() - start
+    return json.loads((out / "report.json").read_text()), seconds
+
+
+def write_result(name: str, data: dict) -> Path:
+    """Write ``bench/results/NAME.json``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path

@@ -1,0 +1,167 @@
+"""The block-skipping dynamic model: residual blocks run only for the samples that keep them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Decisions:
+    """Logits, and per sample and droppable block whether the block ran."""
+
+    logits: torch.Tensor
+    kept: torch.Tensor  # (batch, blocks) bool
+
+
+def run_sub_batches(full: nn.Module, skipped: nn.Module, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``full`` on the samples that keep the block, ``skipped`` on the rest, merged in order."""
+    kept_rows = keep.nonzero().squeeze(1)
+    if kept_rows.numel() == h.shape[0]:
+        return full(h)
+    if kept_rows.numel() == 0:
+        return skipped(h)
+    skipped_rows = (~keep).nonzero().squeeze(1)
+    out_kept = full(h.index_select(0, kept_rows))
+    out_skipped = skipped(h.index_select(0, skipped_rows))
+    out = out_kept.new_empty((h.shape[0], *out_kept.shape[1:]))
+    out.index_copy_(0, kept_rows, out_kept)
+    out.index_copy_(0, skipped_rows, out_skipped)
+    return out
+
+
+class BlockSkipModel(nn.Module):
+    """A backbone cut into units; droppable units run or are skipped per sample.
+
+    Args:
+        full: every unit as it is in the network.
+        skipped: the same unit without its residual branch, or None for fixed units.
+        full_flops / skipped_flops: FLOPs per sample of each form (the cost table).
+        controller: a ``DynModule`` with ``start(x) -> state`` and
+            ``decide(index, h, state) -> (keep_logit, state)``; gates (SkipNet) or a policy
+            network (BlockDrop). Its FLOPs per sample are ``controller_flops``.
+
+    A block runs when ``keep_logit + dyn.bias[index] >= 0``; ``dyn.bias`` is fitted by calibration.
+    """
+
+    def __init__(self, full, skipped, full_flops, skipped_flops, controller: nn.Module, controller_flops: float):
+        super().__init__()
+        self.units = nn.ModuleList(full)
+        self.skipped_units = nn.ModuleList(s if s is not None else nn.Identity() for s in skipped)
+        self.droppable = [s is not None for s in skipped]
+        self.full_flops = list(full_flops)
+        self.skipped_flops = [f if d else 0.0 for f, d in zip(skipped_flops, self.droppable)]
+        self.controller_flops = float(controller_flops)
+        self.dyn = nn.Module()
+        self.dyn.controller = controller
+        self.dyn.register_buffer("bias", torch.zeros(self.num_blocks))
+        self.last_kept: torch.Tensor | None = None
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(self.droppable)
+
+    def static_flops(self) -> float:
+        """FLOPs per sample of the original network."""
+        return float(sum(self.full_flops))
+
+    def inserted_flops(self) -> float:
+        """FLOPs per sample of the gates or policy network."""
+        return self.controller_flops
+
+    def block_savings(self) -> torch.Tensor:
+        """FLOPs saved per sample by skipping each droppable block."""
+        return torch.tensor(
+            [f - s for f, s, d in zip(self.full_flops, self.skipped_flops, self.droppable) if d], dtype=torch.float64
+        )
+
+    def sample_flops(self, kept: torch.Tensor) -> torch.Tensor:
+        """FLOPs per sample given which blocks ran (controller included)."""
+        base = self.static_flops() + self.controller_flops - float(self.block_savings().sum())
+        return base + kept.double().cpu() @ self.block_savings()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        decisions = self.route(x)
+        self.last_kept = decisions.kept
+        return decisions.logits
+
+    def route(self, x: torch.Tensor) -> Decisions:
+        """Run with hard decisions; a skipped block does not run for that sample."""
+        controller = self.dyn.controller
+        state = controller.start(x)
+        kept, index, h = [], 0, x
+        for unit, skipped, droppable in zip(self.units, self.skipped_units, self.droppable):
+            if not droppable:
+                h = unit(h)
+                continue
+            logit, state = controller.decide(index, h, state)
+            keep = logit + self.dyn.bias[index] >= 0
+            kept.append(keep)
+            index += 1
+            if h.shape[0] == 1:
+                h = unit(h) if bool(keep) else skipped(h)
+            else:
+                h = run_sub_batches(unit, skipped, h, keep)
+        kept_matrix = torch.stack(kept, 1) if kept else x.new_zeros((x.shape[0], 0), dtype=torch.bool)
+        return Decisions(h, kept_matrix)
+
+    def forward_relaxed(self, x: torch.Tensor, noise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training pass: hard decisions forward, straight-through gradients backward.
+
+        Returns (logits, keep probabilities of shape (batch, blocks)). Gumbel (logistic) noise
+        on the logits when ``noise``.
+        """
+        controller = self.dyn.controller
+        state = controller.start(x)
+        probs, index, h = [], 0, x
+        for unit, skipped, droppable in zip(self.units, self.skipped_units, self.droppable):
+            if not droppable:
+                h = unit(h)
+                continue
+            logit, state = controller.decide(index, h, state)
+            logit = logit + self.dyn.bias[index]
+            if noise:
+                u = torch.rand_like(logit).clamp(1e-6, 1 - 1e-6)
+                logit = logit + torch.log(u) - torch.log1p(-u)
+            p = torch.sigmoid(logit)
+            gate = (p >= 0.5).to(p.dtype) + p - p.detach()
+            probs.append(torch.sigmoid(logit))
+            index += 1
+            shape = (-1,) + (1,) * (h.dim() - 1)
+            skip_out = skipped(h)
+            h = skip_out + gate.view(shape) * (unit(h) - skip_out)
+        return h, torch.stack(probs, 1)
+
+    def decision_record(self, decisions: Decisions) -> torch.Tensor:
+        """What was decided per sample: which blocks ran."""
+        return decisions.kept
+
+    def flops_of(self, kept: torch.Tensor) -> torch.Tensor:
+        return self.sample_flops(kept)
+
+    def summarize(self, kept: torch.Tensor) -> dict:
+        """Blocks used per sample (mean, spread, histogram), per-block execution rates, and
+        the number of distinct block patterns seen."""
+        used = kept.sum(1)
+        return {
+            "blocks_total": self.num_blocks,
+            "blocks_used_mean": float(used.float().mean()),
+            "blocks_used_std": float(used.float().std()) if len(used) > 1 else 0.0,
+            "blocks_used_histogram": torch.bincount(used, minlength=self.num_blocks + 1).tolist(),
+            "block_execution_rate": kept.float().mean(0).tolist(),
+            "distinct_policies": int(torch.unique(kept, dim=0).shape[0]),
+        }
+
+    def forward_static(self, x: torch.Tensor) -> torch.Tensor:
+        """The original network: every unit in full."""
+        for unit in self.units:
+            x = unit(x)
+        return x
+
+    def save(self, folder) -> None:
+        """Save the inserted state, the recipe and the plan to ``folder`` (see ``dynconvert.load``)."""
+        from dynconvert.convert.save import save_dynamic
+
+        save_dynamic(self, folder)

@@ -1,0 +1,74 @@
+"""Gates that decide, block by block, whether a residual block runs (SkipNet / ConvNet-AIG)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynconvert.runtime.modules import DynModule
+
+
+def _pool(h: torch.Tensor, size: int) -> torch.Tensor:
+    if h.dim() == 4:
+        return F.adaptive_avg_pool2d(h, size).flatten(1)
+    return h.mean(1)  # token sequences (B, T, D)
+
+
+def _channels(shape: tuple[int, ...], pool: int) -> int:
+    return shape[0] * pool * pool if len(shape) == 3 else shape[-1]
+
+
+class FeedForwardGates(DynModule):
+    """One small gate per block: pooled input -> Linear -> ReLU -> Linear -> one logit.
+
+    Args:
+        input_shapes: per-sample shape of each gated block's input.
+        hidden: hidden width of each gate.
+        pool: side of the adaptive average pooling of spatial inputs.
+    """
+
+    kind = "feedforward"
+
+    def __init__(self, input_shapes: list[tuple[int, ...]], hidden: int = 16, pool: int = 1):
+        super().__init__()
+        self.pool = pool
+        self.gates = nn.ModuleList(
+            nn.Sequential(nn.Linear(_channels(s, pool), hidden), nn.ReLU(), nn.Linear(hidden, 1)) for s in input_shapes
+        )
+        for gate in self.gates:
+            nn.init.constant_(gate[-1].bias, 3.0)  # start with every block running
+
+    def start(self, x: torch.Tensor):
+        return None
+
+    def decide(self, index: int, h: torch.Tensor, state):
+        """Keep-logit of block ``index`` for each sample of ``h``; state is unused."""
+        return self.gates[index](_pool(h, self.pool)).squeeze(1), state
+
+
+class RecurrentGates(DynModule):
+    """One LSTM shared by all blocks, fed a per-block projection of the pooled block input."""
+
+    kind = "recurrent"
+
+    def __init__(self, input_shapes: list[tuple[int, ...]], hidden: int = 16, pool: int = 1, embed: int = 16):
+        super().__init__()
+        self.pool = pool
+        self.hidden = hidden
+        self.project = nn.ModuleList(nn.Linear(_channels(s, pool), embed) for s in input_shapes)
+        self.cell = nn.LSTMCell(embed, hidden)
+        self.out = nn.Linear(hidden, 1)
+        nn.init.constant_(self.out.bias, 3.0)
+
+    def start(self, x: torch.Tensor):
+        zeros = x.new_zeros((x.shape[0], self.hidden))
+        return zeros, zeros
+
+    def decide(self, index: int, h: torch.Tensor, state):
+        """Keep-logit of block ``index``; the LSTM state is carried to the next block."""
+        state = self.cell(self.project[index](_pool(h, self.pool)), state)
+        return self.out(state[0]).squeeze(1), state
+
+
+GATE_KINDS = {"feedforward": FeedForwardGates, "recurrent": RecurrentGates}

@@ -1,0 +1,203 @@
+"""What SkipNet and BlockDrop share: planning droppable blocks, building the runtime model,
+training with the backbone frozen, and calibrating one bias on every keep-logit."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from dynconvert.convert.costs import count_flops, node_flops
+from dynconvert.convert.trace import trace
+from dynconvert.convert.train import batches, distillation_loss, freeze, map_batches
+from dynconvert.errors import DynconvertError
+from dynconvert.passes.residual import find_units, full_form, skipped_form
+from dynconvert.runtime.block_skip import BlockSkipModel
+
+
+def plan_units(model, recipe, example, exclude: list[str], replay: list[str] | None = None):
+    """Trace and cut the network into units; return (gm, units, their input shapes)."""
+    gm = trace(model, recipe.model.leaf_modules, example)
+    units = find_units(gm, node_flops(gm, example))
+    names = [u.name for u in units if u.droppable]
+    unknown = [n for n in exclude if n not in names]
+    if unknown:
+        raise DynconvertError(
+            f"options.exclude names {', '.join(unknown)}, which are no droppable blocks; blocks: {', '.join(names)}"
+        )
+    keep = set(replay) if replay is not None else {n for n in names if n not in exclude}
+    for unit in units:
+        if unit.droppable and unit.name not in keep:
+            unit.add_node = None
+    if not any(u.droppable for u in units):
+        raise DynconvertError("found no residual block (shortcut(x) + residual(x)) to skip in this network")
+    return gm, units
+
+
+def build_block_skip_model(gm, units, example, make_controller) -> BlockSkipModel:
+    """Full and skipped forms of each unit, their FLOPs, and the controller, as a runtime model."""
+    full, skipped, full_flops, skipped_flops, input_shapes = [], [], [], [], []
+    h = example
+    for unit in units:
+        f = full_form(gm, unit)
+        s = skipped_form(gm, unit) if unit.droppable else None
+        full_flops.append(count_flops(f, h))
+        skipped_flops.append(count_flops(s, h) if s is not None else 0.0)
+        if s is not None:
+            input_shapes.append(tuple(h.shape[1:]))
+        full.append(f)
+        skipped.append(s)
+        with torch.no_grad():
+            h = f(h)
+    controller = make_controller(input_shapes)
+    dyn = BlockSkipModel(full, skipped, full_flops, skipped_flops, controller, 0.0)
+    with torch.no_grad():
+        dyn.dyn.bias.fill_(1e4)
+        dyn.controller_flops = count_flops(dyn.route, example) - dyn.static_flops()
+        dyn.dyn.bias.zero_()
+    dyn.plan = {
+        "replay": {"blocks": [u.name for u in units if u.droppable]},
+        "units": [u.name for u in units],
+        "droppable": [u.droppable for u in units],
+        "controller_flops": dyn.controller_flops,
+    }
+    return dyn.eval()
+
+
+def expected_flops_ratio(dyn: BlockSkipModel, probs: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of the expected FLOPs ratio under keep probabilities ``probs``."""
+    savings = dyn.block_savings().to(probs.dtype).to(probs.device)
+    base = dyn.static_flops() + dyn.controller_flops - float(savings.sum())
+    return ((base + probs @ savings) / dyn.static_flops()).mean()
+
+
+def teacher_logits(dyn: BlockSkipModel, split, prep, recipe) -> torch.Tensor:
+    """The original network's logits on ``split``, computed once."""
+    (logits,) = map_batches(dyn.forward_static, split, prep, recipe.data.batch_size, recipe.device, "teacher logits")
+    return logits
+
+
+def calibrate_bias(dyn: BlockSkipModel, split, prep, recipe, offsets: list[float]) -> dict:
+    """Sweep one offset added to every keep-logit; pick the operating point for the budget."""
+    cal = recipe.calibrate
+    static_pred = teacher_logits(dyn, split, prep, recipe).argmax(1)
+    reference = static_pred if cal.reference == "agreement" else split.labels
+    static_correct = float((static_pred == reference).float().mean())
+    sweep = []
+    for offset in tqdm(offsets, desc="calibrate", unit="offset"):
+        dyn.dyn.bias.fill_(offset)
+        preds, kept = _route_all(dyn, split, prep, recipe)
+        sweep.append(
+            {
+                "offset": offset,
+                "accuracy_drop": static_correct - float((preds == reference).float().mean()),
+                "flops_ratio": float(dyn.sample_flops(kept).mean()) / dyn.static_flops(),
+            }
+        )
+    if cal.max_accuracy_drop is not None:
+        feasible = [p for p in sweep if p["accuracy_drop"] <= cal.max_accuracy_drop] or [
+            max(sweep, key=lambda p: p["offset"])
+        ]
+        chosen = min(feasible, key=lambda p: p["flops_ratio"])
+    else:
+        feasible = [p for p in sweep if p["flops_ratio"] <= cal.flops_ratio]
+        if not feasible:
+            cheapest = min(p["flops_ratio"] for p in sweep)
+            raise DynconvertError(
+                f"calibrate.flops_ratio={cal.flops_ratio} is out of reach; the cheapest point costs {cheapest:.3f}"
+            )
+        chosen = min(feasible, key=lambda p: (p["accuracy_drop"], p["flops_ratio"]))
+    dyn.dyn.bias.fill_(chosen["offset"])
+    return {
+        "sweep": sweep,
+        "chosen": chosen,
+        "calibration_static_accuracy": float((static_pred == split.labels).float().mean()),
+        "calibration_reference": cal.reference,
+    }
+
+
+@torch.no_grad()
+def _route_all(dyn, split, prep, recipe):
+    preds, kept = [], []
+    for images, _, _ in batches(split, prep, recipe.data.batch_size, recipe.device):
+        d = dyn.route(images)
+        preds.append(d.logits.argmax(1).cpu())
+        kept.append(d.kept.cpu())
+    return torch.cat(preds), torch.cat(kept)
+
+
+def sweep_points_on_split(dyn, split, prep, recipe, sweep: list[dict], points: int = 6) -> list[dict]:
+    """Accuracy and FLOPs ratio on ``split`` at a few offsets of the calibration sweep (for the plot)."""
+    if not sweep:
+        return []
+    chosen = float(dyn.dyn.bias[0])
+    step = max(1, math.ceil(len(sweep) / points))
+    out = []
+    for p in sweep[::step]:
+        dyn.dyn.bias.fill_(p["offset"])
+        preds, kept = _route_all(dyn, split, prep, recipe)
+        out.append(
+            {
+                "offset": p["offset"],
+                "accuracy": float((preds == split.labels).float().mean()),
+                "flops_ratio": float(dyn.sample_flops(kept).mean()) / dyn.static_flops(),
+            }
+        )
+    dyn.dyn.bias.fill_(chosen)
+    return out
+
+
+def train_relaxed(
+    dyn: BlockSkipModel, data, prep, recipe, target: float, cost_weight: float, tune: list[str]
+) -> list[dict]:
+    """Relaxed training: hard decisions forward, straight-through gradients, Gumbel noise.
+
+    Loss: cross-entropy + self-distillation from the static network + ``cost_weight`` times
+    the squared distance of the expected FLOPs ratio to ``target``.
+    """
+    cfg = recipe.train
+    backbone_params = freeze(dyn.units, tune) + freeze(dyn.skipped_units, tune)
+    teacher = teacher_logits(dyn, data.fit, prep, recipe)
+    controller = dyn.dyn.controller
+    controller.train()
+    groups = [{"params": list(controller.parameters()), "lr": cfg.lr}]
+    if backbone_params:
+        groups.append({"params": backbone_params, "lr": cfg.backbone_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    steps = max(1, cfg.epochs * math.ceil(len(data.fit) / cfg.batch_size))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    history = []
+    with tqdm(total=steps, desc="train gates", unit="step") as bar:
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(len(data.fit), generator=generator)
+            totals = {"loss": 0.0, "flops_ratio": 0.0, "n": 0}
+            for images, labels, index in batches(data.fit, prep, cfg.batch_size, recipe.device, order):
+                logits, probs = dyn.forward_relaxed(images)
+                cost = expected_flops_ratio(dyn, probs)
+                loss = (
+                    distillation_loss(
+                        logits, labels, teacher[index].to(recipe.device), cfg.distill_temperature, cfg.distill_weight
+                    )
+                    + cost_weight * (cost - target) ** 2
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                totals["loss"] += loss.item() * len(labels)
+                totals["flops_ratio"] += cost.item() * len(labels)
+                totals["n"] += len(labels)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", flops=f"{cost.item():.2f}")
+            history.append(
+                {
+                    "epoch": epoch,
+                    "loss": totals["loss"] / totals["n"],
+                    "flops_ratio": totals["flops_ratio"] / totals["n"],
+                }
+            )
+    controller.eval()
+    dyn.eval()
+    return history
