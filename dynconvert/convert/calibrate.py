@@ -10,6 +10,9 @@ import torch.nn.functional as F
 from dynconvert.errors import DynconvertError
 from dynconvert.runtime.confidence import confidence
 
+# the accuracy drop must stay within budget with 95% confidence (one-sided) on the calibration data
+CONFIDENCE_Z = 1.645
+
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, steps: int = 50) -> float:
     """The temperature T minimising the NLL of ``softmax(logits / T)`` on ``targets``."""
@@ -33,6 +36,7 @@ class SweepPoint:
     thresholds: list[float]
     flops_ratio: float
     accuracy_drop: float
+    accuracy_drop_bound: float = 0.0
     exit_fractions: list[float] = field(default_factory=list)
 
 
@@ -77,13 +81,12 @@ def threshold_sweep(
     ]
     correct = torch.cat([exit_correct, final_correct[None]]).float()
     ratio = exit_costs.double() / static_cost
-    base_accuracy = float(final_correct.float().mean())
     columns = torch.arange(n)
     thresholds = torch.full((n_exits,), 2.0)
 
     def measure(th):
         exits = simulate_exits(conf, th)
-        return exits, float(ratio[exits].mean()), base_accuracy - float(correct[exits, columns].mean())
+        return exits, float(ratio[exits].mean()), final_correct.float() - correct[exits, columns]
 
     exits, cost, drop = measure(thresholds)
     path = [_point(thresholds, exits, cost, drop, n_exits)]
@@ -111,15 +114,25 @@ def _best_threshold(conf, thresholds, k, grid, ratio, correct, lam) -> float:
     return float(grid[best])
 
 
-def _point(thresholds, exits, cost, drop, n_exits) -> SweepPoint:
+def drop_upper_bound(change: torch.Tensor, z: float = CONFIDENCE_Z) -> tuple[float, float]:
+    """Mean accuracy drop from per-sample changes (final correct - dynamic correct, in {-1, 0, 1})
+    and its one-sided upper confidence bound, ``mean + z * standard error``."""
+    mean = float(change.mean())
+    if len(change) < 2:
+        return mean, mean
+    return mean, mean + z * float(change.std()) / len(change) ** 0.5
+
+
+def _point(thresholds, exits, cost, change, n_exits) -> SweepPoint:
     hist = torch.bincount(exits, minlength=n_exits + 1).float() / len(exits)
-    return SweepPoint([float(t) for t in thresholds], cost, drop, hist.tolist())
+    drop, bound = drop_upper_bound(change)
+    return SweepPoint([float(t) for t in thresholds], cost, drop, bound, hist.tolist())
 
 
 def choose_operating_point(path: list[SweepPoint], max_accuracy_drop=None, flops_ratio=None) -> SweepPoint:
     """The cheapest point within the accuracy budget, or the most accurate within the FLOPs budget."""
     if max_accuracy_drop is not None:
-        feasible = [p for p in path if p.accuracy_drop <= max_accuracy_drop]
+        feasible = [p for p in path if p.accuracy_drop_bound <= max_accuracy_drop]
         return min(feasible, key=lambda p: p.flops_ratio)
     feasible = [p for p in path if p.flops_ratio <= flops_ratio]
     if not feasible:

@@ -156,9 +156,22 @@ def _calibration_note(recipe: Recipe, data, fitted: dict, static: dict, dynamic:
         "static_accuracy_on_calibration": fitted.get("calibration_static_accuracy"),
         "static_accuracy_on_evaluation": static["accuracy"],
         "estimated_accuracy_drop": chosen.get("accuracy_drop"),
+        "estimated_accuracy_drop_bound_95": chosen.get("accuracy_drop_bound"),
+        "memorised_warning": _memorised_warning(fitted),
         "measured_accuracy_drop": static["accuracy"] - dynamic["accuracy"],
         "estimated_flops_ratio": chosen.get("flops_ratio"),
     }
+
+
+def _memorised_warning(fitted: dict) -> str | None:
+    accuracy = fitted.get("calibration_static_accuracy")
+    if accuracy is not None and accuracy >= 0.98:
+        return (
+            f"the static network scores {100 * accuracy:.1f}% on the calibration images: it has memorised them, "
+            "so the estimated accuracy drop is optimistic; calibrate on a validation split "
+            "(data.calibration_split) or lower calibrate.max_accuracy_drop"
+        )
+    return None
 
 
 def _num_classes(model: nn.Module) -> int | None:

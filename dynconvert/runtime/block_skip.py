@@ -129,9 +129,8 @@ class BlockSkipModel(nn.Module):
             gate = (p >= 0.5).to(p.dtype) + p - p.detach()
             probs.append(torch.sigmoid(logit))
             index += 1
-            shape = (-1,) + (1,) * (h.dim() - 1)
             skip_out = skipped(h)
-            h = skip_out + gate.view(shape) * (unit(h) - skip_out)
+            h = skip_out + gate.view((-1,) + (1,) * (skip_out.dim() - 1)) * (unit(h) - skip_out)
         return h, torch.stack(probs, 1)
 
     def decision_record(self, decisions: Decisions) -> torch.Tensor:

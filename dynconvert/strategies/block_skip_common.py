@@ -8,6 +8,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from dynconvert.convert.calibrate import drop_upper_bound
 from dynconvert.convert.costs import count_flops, node_flops
 from dynconvert.convert.trace import trace
 from dynconvert.convert.train import batches, distillation_loss, freeze, map_batches
@@ -83,20 +84,22 @@ def calibrate_bias(dyn: BlockSkipModel, split, prep, recipe, offsets: list[float
     cal = recipe.calibrate
     static_pred = teacher_logits(dyn, split, prep, recipe).argmax(1)
     reference = static_pred if cal.reference == "agreement" else split.labels
-    static_correct = float((static_pred == reference).float().mean())
+    static_hits = (static_pred == reference).float()
     sweep = []
     for offset in tqdm(offsets, desc="calibrate", unit="offset"):
         dyn.dyn.bias.fill_(offset)
         preds, kept = _route_all(dyn, split, prep, recipe)
+        drop, bound = drop_upper_bound(static_hits - (preds == reference).float())
         sweep.append(
             {
                 "offset": offset,
-                "accuracy_drop": static_correct - float((preds == reference).float().mean()),
+                "accuracy_drop": drop,
+                "accuracy_drop_bound": bound,
                 "flops_ratio": float(dyn.sample_flops(kept).mean()) / dyn.static_flops(),
             }
         )
     if cal.max_accuracy_drop is not None:
-        feasible = [p for p in sweep if p["accuracy_drop"] <= cal.max_accuracy_drop] or [
+        feasible = [p for p in sweep if p["accuracy_drop_bound"] <= cal.max_accuracy_drop] or [
             max(sweep, key=lambda p: p["offset"])
         ]
         chosen = min(feasible, key=lambda p: p["flops_ratio"])

@@ -1,0 +1,142 @@
+"""SkipNet: residual-unit analysis, invariance, real skipping, sub-batches, save/load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from torch.testing import assert_close
+
+import dynconvert
+from dynconvert.convert.costs import node_flops
+from dynconvert.convert.trace import trace
+from dynconvert.passes.residual import find_units, full_form, skipped_form
+from dynconvert.recipe import build_recipe, strategy_config
+from dynconvert.strategies import get_strategy
+
+
+def prepared(name="cifar_resnet20", gate="feedforward", **kwargs):
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    size = model.pretrained_cfg["input_size"][1] if name.startswith("cifar") else 64
+    recipe = build_recipe(None, name, "skipnet", ["model.pretrained=false", f"options.gate={gate}"])
+    strategy = get_strategy("skipnet")
+    dyn = strategy.prepare(model, recipe, strategy_config(recipe), torch.randn(2, 3, size, size), 10)
+    return model, dyn, size
+
+
+@pytest.mark.parametrize(
+    "name,size,blocks", [("cifar_resnet20", 32, 9), ("test_resnet", 64, None), ("resnet18", 64, 8)]
+)
+def test_units_cover_the_network_and_find_the_residual_blocks(name, size, blocks):
+    model = timm.create_model(name, pretrained=False).eval()
+    x = torch.randn(2, 3, size, size)
+    gm = trace(model, example=x)
+    units = find_units(gm, node_flops(gm, x))
+    droppable = [u for u in units if u.droppable]
+    assert droppable
+    if blocks is not None:
+        assert len(droppable) == blocks
+    h = x
+    for unit in units:
+        h = full_form(gm, unit)(h)
+    assert_close(h, model(x))
+
+
+def test_skipped_form_keeps_the_shortcut_only():
+    model = timm.create_model("cifar_resnet20", pretrained=False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    gm = trace(model, example=x)
+    units = find_units(gm, node_flops(gm, x))
+    stem, block = units[0], units[1]
+    h = full_form(gm, stem)(x)
+    assert_close(skipped_form(gm, block)(h), torch.relu(h))  # identity shortcut, then the block's ReLU
+    downsample = next(u for u in units if u.name == "layer2.0")
+    h2 = torch.rand(2, 16, 32, 32)
+    expected = torch.nn.functional.pad(h2[:, :, ::2, ::2], (0, 0, 0, 0, 8, 8))
+    assert_close(skipped_form(gm, downsample)(h2), expected)
+
+
+@pytest.mark.parametrize("gate", ["feedforward", "recurrent"])
+@pytest.mark.parametrize("batch", [1, 6])
+def test_all_gates_open_equals_the_original(gate, batch):
+    model, dyn, size = prepared(gate=gate)
+    dyn.dyn.bias.fill_(1e4)
+    x = torch.randn(batch, 3, size, size)
+    with torch.no_grad():
+        assert_close(dyn(x), model(x))
+    assert dyn.last_kept.all()
+
+
+def test_skipped_blocks_really_do_not_run():
+    _, dyn, size = prepared()
+    calls = {i: 0 for i in range(len(dyn.units))}
+    for i, unit in enumerate(dyn.units):
+        unit.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    dyn.dyn.bias.fill_(-1e4)
+    with torch.no_grad():
+        dyn(torch.randn(4, 3, size, size))
+        dyn(torch.randn(1, 3, size, size))
+    for i, droppable in enumerate(dyn.droppable):
+        assert calls[i] == (0 if droppable else 2)
+    assert not dyn.last_kept.any()
+    assert float(dyn.sample_flops(dyn.last_kept)[0]) < 0.2 * dyn.static_flops()
+
+
+@pytest.mark.parametrize("gate", ["feedforward", "recurrent"])
+def test_sub_batches_equal_running_each_sample_alone(gate):
+    _, dyn, size = prepared(gate=gate)
+    torch.manual_seed(3)
+    for p in dyn.dyn.controller.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(12, 3, size, size)
+    with torch.no_grad():
+        for offset in torch.linspace(-3, 3, 25):  # find a bias that gives mixed decisions
+            dyn.dyn.bias.fill_(float(offset))
+            batched = dyn.route(x)
+            if 0.2 < batched.kept.float().mean() < 0.8:
+                break
+        assert 0 < batched.kept.float().mean() < 1, "the test needs mixed decisions"
+        for i in range(len(x)):
+            alone = dyn.route(x[i : i + 1])
+            assert torch.equal(alone.kept[0], batched.kept[i])
+            assert_close(alone.logits[0], batched.logits[i], atol=1e-5, rtol=1e-5)
+
+
+def test_relaxed_pass_gives_gradients_to_every_gate():
+    _, dyn, size = prepared(gate="feedforward")
+    logits, probs = dyn.forward_relaxed(torch.randn(4, 3, size, size))
+    (logits.sum() + probs.sum()).backward()
+    for gate in dyn.dyn.controller.gates:
+        assert gate[0].weight.grad is not None and gate[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("gate", ["feedforward", "recurrent"])
+def test_tiny_conversion_round_trip(gate, tiny_data, tiny_weights, tmp_path):
+    out = tmp_path / "out"
+    dyn = dynconvert.convert(
+        "cifar_resnet20",
+        strategy="skipnet",
+        data=str(tiny_data),
+        out=out,
+        model__weights=str(tiny_weights),
+        model__pretrained=False,
+        model__num_classes=3,
+        train__epochs=1,
+        train__batch_size=32,
+        data__batch_size=32,
+        evaluate__latency_samples=2,
+        options__gate=gate,
+        options__calibration_offsets=[-2.0, 0.0, 2.0],
+    )
+    report = json.loads((out / "report.json").read_text())
+    for key in ("blocks_used_mean", "block_execution_rate", "distinct_policies", "blocks_used_histogram"):
+        assert key in report["dynamic"]
+    assert 0 < report["flops_ratio"] < 1.01
+    loaded = dynconvert.load(out)
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        a, b = dyn.route(x), loaded.route(x)
+    assert torch.equal(a.kept, b.kept)
+    assert_close(a.logits, b.logits)
