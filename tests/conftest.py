@@ -135,3 +135,16 @@ def prepare_early_exit():
         return strategy.prepare(model, recipe, config, example, model.num_classes)
 
     return prepare
+
+
+@pytest.fixture(scope="session")
+def tiny_imagenet_style_data(tmp_path_factory) -> Path:
+    """An imagefolder with ``train`` (12 images) and ``validation`` (6) of odd sizes, as JPEG."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    for split, n, seed in (("train", 12, 3), ("validation", 6, 4)):
+        images, labels = make_colour_images(n, seed, side=40)
+        for i, (image, label) in enumerate(zip(images, labels)):
+            folder = root / split / CLASS_NAMES[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            image.resize((48, 40)).save(folder / f"{i}.jpg")
+    return root

@@ -1,0 +1,35 @@
+"""The ImageNet-scale built-in recipe runs end to end (random weights, a handful of tiny images)."""
+
+from __future__ import annotations
+
+import json
+
+import dynconvert
+from dynconvert.recipe import build_recipe, default_recipe_name
+
+
+def test_resnet50_picks_its_builtin_recipe():
+    assert default_recipe_name("resnet50", "early-exit") == "resnet50-early-exit"
+    recipe = build_recipe(None, "resnet50", "early-exit")
+    assert recipe.data.eval_split == "validation"
+    assert recipe.model.pretrained is True
+
+
+def test_resnet50_recipe_smoke(tiny_imagenet_style_data, tmp_path):
+    out = tmp_path / "out"
+    dynconvert.convert(
+        "resnet50",
+        strategy="early-exit",
+        data=str(tiny_imagenet_style_data),
+        out=out,
+        model__pretrained=False,
+        model__num_classes=3,
+        train__epochs=1,
+        data__batch_size=8,
+        evaluate__latency_samples=1,
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["splits"]["evaluation"] == "validation"
+    assert report["evaluated_samples"] == 6
+    assert 0 < report["flops_ratio"] <= 1.05
+    assert report["inserted_flops"] < 0.05 * report["static"]["flops"]
