@@ -37,7 +37,7 @@ class FeedForwardGates(DynModule):
             nn.Sequential(nn.Linear(_channels(s, pool), hidden), nn.ReLU(), nn.Linear(hidden, 1)) for s in input_shapes
         )
         for gate in self.gates:
-            nn.init.constant_(gate[-1].bias, 3.0)  # start with every block running
+            nn.init.constant_(gate[-1].bias, 1.0)  # start with every block running, not saturated
 
     def start(self, x: torch.Tensor):
         return None
@@ -59,7 +59,7 @@ class RecurrentGates(DynModule):
         self.project = nn.ModuleList(nn.Linear(_channels(s, pool), embed) for s in input_shapes)
         self.cell = nn.LSTMCell(embed, hidden)
         self.out = nn.Linear(hidden, 1)
-        nn.init.constant_(self.out.bias, 3.0)
+        nn.init.constant_(self.out.bias, 1.0)
 
     def start(self, x: torch.Tensor):
         zeros = x.new_zeros((x.shape[0], self.hidden))

@@ -16,6 +16,8 @@ from dynconvert.errors import DynconvertError
 from dynconvert.passes.residual import find_units, full_form, skipped_form
 from dynconvert.runtime.block_skip import BlockSkipModel
 
+ALL_OPEN = 1e4
+
 
 def plan_units(model, recipe, example, exclude: list[str], replay: list[str] | None = None):
     """Trace and cut the network into units; return (gm, units, their input shapes)."""
@@ -86,7 +88,8 @@ def calibrate_bias(dyn: BlockSkipModel, split, prep, recipe, offsets: list[float
     reference = static_pred if cal.reference == "agreement" else split.labels
     static_hits = (static_pred == reference).float()
     sweep = []
-    for offset in tqdm(offsets, desc="calibrate", unit="offset"):
+    # the last offset opens every gate: the original network, always within any accuracy budget
+    for offset in tqdm([*offsets, ALL_OPEN], desc="calibrate", unit="offset"):
         dyn.dyn.bias.fill_(offset)
         preds, kept = _route_all(dyn, split, prep, recipe)
         drop, bound = drop_upper_bound(static_hits - (preds == reference).float())
@@ -99,9 +102,7 @@ def calibrate_bias(dyn: BlockSkipModel, split, prep, recipe, offsets: list[float
             }
         )
     if cal.max_accuracy_drop is not None:
-        feasible = [p for p in sweep if p["accuracy_drop_bound"] <= cal.max_accuracy_drop] or [
-            max(sweep, key=lambda p: p["offset"])
-        ]
+        feasible = [p for p in sweep if p["accuracy_drop_bound"] <= cal.max_accuracy_drop]
         chosen = min(feasible, key=lambda p: p["flops_ratio"])
     else:
         feasible = [p for p in sweep if p["flops_ratio"] <= cal.flops_ratio]

@@ -24,7 +24,7 @@ class SkipNetConfig:
     gate_hidden: int = 16
     gate_pool: int = 1
     target_flops_ratio: float = 0.6
-    cost_weight: float = 4.0
+    cost_weight: float = 30.0
     exclude: list[str] = field(default_factory=list)
     calibration_offsets: list[float] = field(
         default_factory=lambda: [-2.0, -1.5, -1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
