@@ -32,6 +32,12 @@ def run_sub_batches(full: nn.Module, skipped: nn.Module, h: torch.Tensor, keep: 
     return out
 
 
+def _run_block(full: nn.Module, skipped: nn.Module, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    if h.shape[0] == 1:
+        return full(h) if bool(keep) else skipped(h)
+    return run_sub_batches(full, skipped, h, keep)
+
+
 class BlockSkipModel(nn.Module):
     """A backbone cut into units; droppable units run or are skipped per sample.
 
@@ -100,12 +106,36 @@ class BlockSkipModel(nn.Module):
             keep = logit + self.dyn.bias[index] >= 0
             kept.append(keep)
             index += 1
-            if h.shape[0] == 1:
-                h = unit(h) if bool(keep) else skipped(h)
-            else:
-                h = run_sub_batches(unit, skipped, h, keep)
+            h = _run_block(unit, skipped, h, keep)
         kept_matrix = torch.stack(kept, 1) if kept else x.new_zeros((x.shape[0], 0), dtype=torch.bool)
         return Decisions(h, kept_matrix)
+
+    def route_with(self, x: torch.Tensor, keep: torch.Tensor) -> Decisions:
+        """Run with decisions given as a ``(batch, blocks)`` bool matrix; the controller is not used.
+
+        Skipped blocks do not run for their samples, as in :meth:`route`. Gradients flow into
+        the blocks that ran. Example: ``dyn.route_with(x, torch.ones(len(x), dyn.num_blocks, dtype=torch.bool))``
+        is the original network.
+        """
+        if keep.shape != (x.shape[0], self.num_blocks):
+            raise ValueError(f"keep must have shape {(x.shape[0], self.num_blocks)}, got {tuple(keep.shape)}")
+        keep = keep.to(device=x.device, dtype=torch.bool)
+        index, h = 0, x
+        for unit, skipped, droppable in zip(self.units, self.skipped_units, self.droppable):
+            if droppable:
+                h = _run_block(unit, skipped, h, keep[:, index])
+                index += 1
+            else:
+                h = unit(h)
+        return Decisions(h, keep)
+
+    def register_tuned_units(self, indices: list[int]) -> None:
+        """Expose the units at ``indices`` (fine-tuned backbone parts) under ``dyn.tuned``.
+
+        What lives under ``dyn.`` is what is saved, so a fine-tuned backbone survives
+        save and load; the modules are shared, not copied.
+        """
+        self.dyn.tuned = nn.ModuleDict({str(i): self.units[i] for i in sorted(set(indices))})
 
     def forward_relaxed(self, x: torch.Tensor, noise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Training pass: hard decisions forward, straight-through gradients backward.

@@ -71,9 +71,14 @@ class EarlyExitModel(nn.Module):
         return routed.logits
 
     def route(self, x: torch.Tensor) -> Routed:
-        """Run with early exits; return the logits and the exit each sample took."""
+        """Run with early exits; return the logits and the exit each sample took.
+
+        Heads whose threshold is above 1 can never be taken and are not computed.
+        """
+        thresholds = self.dyn.thresholds.tolist()
+        temperatures = self.dyn.temperatures.tolist()
         if x.shape[0] == 1:
-            return self._route_single(x)
+            return self._route_single(x, thresholds, temperatures)
         batch = x.shape[0]
         logits_out: torch.Tensor | None = None
         exits = torch.full((batch,), self.num_exits, dtype=torch.long, device=x.device)
@@ -81,13 +86,15 @@ class EarlyExitModel(nn.Module):
         h = x
         for k in range(self.num_exits):
             h = self.segments[k](h)
+            if thresholds[k] > 1.0:
+                continue
             logits = self.dyn.exits[k](h)
             if logits_out is None:
                 logits_out = logits.new_empty((batch, logits.shape[1]))
-            leave = confidence(logits / self.dyn.temperatures[k], self.criterion) >= self.dyn.thresholds[k]
-            stay = ~leave
+            leave = confidence(logits / temperatures[k], self.criterion) >= thresholds[k]
             leaving = remaining[leave]
             if leaving.numel():
+                stay = ~leave
                 logits_out[leaving] = logits[leave]
                 exits[leaving] = k
                 remaining, h = remaining[stay], h[stay]
@@ -99,12 +106,14 @@ class EarlyExitModel(nn.Module):
         logits_out[remaining] = final
         return Routed(logits_out, exits)
 
-    def _route_single(self, x: torch.Tensor) -> Routed:
+    def _route_single(self, x: torch.Tensor, thresholds: list[float], temperatures: list[float]) -> Routed:
         h = x
         for k in range(self.num_exits):
             h = self.segments[k](h)
+            if thresholds[k] > 1.0:
+                continue
             logits = self.dyn.exits[k](h)
-            if confidence(logits / self.dyn.temperatures[k], self.criterion).item() >= self.dyn.thresholds[k].item():
+            if confidence(logits / temperatures[k], self.criterion).item() >= thresholds[k]:
                 return Routed(logits, torch.tensor([k], device=x.device))
         return Routed(self.segments[-1](h), torch.tensor([self.num_exits], device=x.device))
 

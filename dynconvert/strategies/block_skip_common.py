@@ -81,10 +81,18 @@ def teacher_logits(dyn: BlockSkipModel, split, prep, recipe) -> torch.Tensor:
     return logits
 
 
-def calibrate_bias(dyn: BlockSkipModel, split, prep, recipe, offsets: list[float]) -> dict:
-    """Sweep one offset added to every keep-logit; pick the operating point for the budget."""
+def calibrate_bias(
+    dyn: BlockSkipModel, split, prep, recipe, offsets: list[float], static_logits: torch.Tensor | None = None
+) -> dict:
+    """Sweep one offset added to every keep-logit; pick the operating point for the budget.
+
+    ``static_logits``: the original network's logits on ``split`` when the backbone has been
+    tuned since (default: computed now with :meth:`BlockSkipModel.forward_static`).
+    """
     cal = recipe.calibrate
-    static_pred = teacher_logits(dyn, split, prep, recipe).argmax(1)
+    if static_logits is None:
+        static_logits = teacher_logits(dyn, split, prep, recipe)
+    static_pred = static_logits.argmax(1)
     reference = static_pred if cal.reference == "agreement" else split.labels
     static_hits = (static_pred == reference).float()
     sweep = []

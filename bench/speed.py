@@ -1,0 +1,140 @@
+"""Saved FLOPs against saved time: static and dynamic models measured side by side.
+
+    python bench/speed.py [MODEL_DIR ...] [--images 500] [--rounds 3]
+
+Each MODEL_DIR is a conversion's output folder (default: every folder under bench/out that
+holds a model). In one process, interleaved image by image (batch 1) and batch by batch
+(batch 64), on the evaluation split's real images: the static network and the dynamic one.
+Reports the mean time per image (batch 1) and per batch of 64, the time ratio beside the FLOPs
+ratio of the same images, and their quotient (efficiency: 1.0 means every saved FLOP became saved
+time). Writes bench/results/speed.json and bench/results/speed.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from common import OUT, RESULTS, machine, write_result
+
+import dynconvert
+from dynconvert.convert.build import build_model
+from dynconvert.convert.data import load_conversion_data, normalize
+
+
+def timed(fn, x) -> float:
+    start = time.perf_counter()
+    fn(x)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def measure(folder: Path, images: int, rounds: int, batch: int) -> dict:
+    dyn = dynconvert.load(folder).eval()
+    static = build_model(dyn.recipe.model).eval()
+    data = load_conversion_data(dyn.recipe.data, dyn.preprocess, dyn.recipe.seed).evaluation
+    x = normalize(data.images[:images], dyn.preprocess)
+    records = torch.cat([dyn.decision_record(dyn.route(x[i : i + batch])) for i in range(0, len(x), batch)])
+    flops_ratio = float(dyn.flops_of(records).mean()) / dyn.static_flops()
+    for model in (static, dyn):  # warm-up
+        for i in range(20):
+            model(x[i : i + 1])
+        model(x[:batch])
+    single = {"static": [], "dynamic": []}
+    batched = {"static": [], "dynamic": []}
+    for _ in range(rounds):
+        totals = {"static": 0.0, "dynamic": 0.0}
+        for i in range(len(x)):
+            for key, model in (("static", static), ("dynamic", dyn)):
+                totals[key] += timed(model, x[i : i + 1])
+        for key in totals:
+            single[key].append(totals[key] / len(x) * 1e3)
+        totals = {"static": 0.0, "dynamic": 0.0}
+        n_batches = 0
+        for i in range(0, len(x) - batch + 1, batch):
+            n_batches += 1
+            for key, model in (("static", static), ("dynamic", dyn)):
+                totals[key] += timed(model, x[i : i + batch])
+        for key in totals:
+            batched[key].append(totals[key] / n_batches * 1e3)
+    result = {
+        "model_dir": str(folder),
+        "strategy": dyn.recipe.strategy,
+        "model": dyn.recipe.model.name,
+        "data": dyn.recipe.data.path,
+        "split": data.name,
+        "images": len(x),
+        "rounds": rounds,
+        "flops_ratio": flops_ratio,
+    }
+    for name, times in (("batch1", single), (f"batch{batch}", batched)):
+        s, d = statistics.median(times["static"]), statistics.median(times["dynamic"])
+        ratio = d / s
+        result[name] = {
+            "static_ms": s,
+            "dynamic_ms": d,
+            "static_ms_range": [min(times["static"]), max(times["static"])],
+            "dynamic_ms_range": [min(times["dynamic"]), max(times["dynamic"])],
+            "time_ratio": ratio,
+            "time_ratio_over_flops_ratio": ratio / flops_ratio,
+            "efficiency": flops_ratio / ratio,
+        }
+    return result
+
+
+def plot(results: list[dict], path: Path, batch: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["strategy"] for r in results]
+    xs = range(len(results))
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    width = 0.26
+    ax.bar([i - width for i in xs], [r["flops_ratio"] for r in results], width, label="FLOPs ratio")
+    ax.bar(list(xs), [r["batch1"]["time_ratio"] for r in results], width, label="time ratio, batch 1")
+    ax.bar(
+        [i + width for i in xs],
+        [r[f"batch{batch}"]["time_ratio"] for r in results],
+        width,
+        label=f"time ratio, batch {batch}",
+    )
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks(list(xs), labels)
+    ax.set_ylabel("dynamic / static")
+    ax.set_title("cifar_resnet56 on this CPU: FLOPs and wall-clock ratios", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("folders", nargs="*", type=Path)
+    parser.add_argument("--images", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args()
+    folders = args.folders or sorted(p for p in OUT.iterdir() if (p / "model" / "meta.json").is_file())
+    results = []
+    for folder in folders:
+        result = measure(folder, args.images, args.rounds, args.batch)
+        results.append(result)
+        print(
+            f"{result['strategy']:>10} {folder.name}: FLOPs {result['flops_ratio']:.3f}, time batch 1 "
+            f"{result['batch1']['time_ratio']:.3f}, batch {args.batch} {result[f'batch{args.batch}']['time_ratio']:.3f}"
+        )
+    gpu = "measured" if torch.cuda.is_available() else "not measured: no GPU on this machine"
+    write_result("speed", {"machine": machine(), "gpu": gpu, "results": results})
+    plot(results, RESULTS / "speed.png", args.batch)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""BlockDrop (Wu, Nagarajan et al., CVPR 2018): a policy network looks once at a downsampled
+image and decides which residual blocks run.
+
+prepare: the same droppable blocks as SkipNet, one :class:`PolicyNetwork` as the controller.
+fit: REINFORCE with a self-critical baseline and a curriculum (the last blocks first), backbone
+frozen; optionally joint fine-tuning of policy and backbone; then one bias on every keep-logit
+calibrated to the budget. The training loops live in ``blockdrop_training``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dynconvert.errors import DynconvertError
+from dynconvert.recipe import _check_choice, _check_range
+from dynconvert.runtime.policy import STEM_STRIDES, PolicyNetwork
+from dynconvert.strategies import block_skip_common as common
+from dynconvert.strategies.blockdrop_training import finetune_jointly, own_tuned_units, train_policy
+from dynconvert.strategies.registry import Strategy, register_strategy
+
+
+@dataclass
+class BlockDropConfig:
+    """Policy network, reward, curriculum and joint fine-tuning of BlockDrop.
+
+    ``input_size``/``widths``/``stem_stride``: the policy network (see ``PolicyNetwork``).
+    ``gamma``: penalty (reward ``-gamma``) for a wrong prediction. ``alpha``: probability
+    bounding, ``p -> alpha * p + (1 - alpha) * (1 - p)``. ``beta``: entropy bonus.
+    ``curriculum_stage_steps``: training steps per curriculum stage (0: one stage per epoch).
+    ``curriculum_blocks_per_stage``: blocks the policy takes over per stage (0: as few as
+    decide every block by the last stage). ``finetune_epochs``/``finetune_lr``/
+    ``finetune_modules``: joint fine-tuning (0 epochs: off; policy learning rate; backbone
+    module name prefixes to tune, empty: all; their learning rate is ``train.backbone_lr``).
+    """
+
+    input_size: int = 16
+    widths: list[int] = field(default_factory=lambda: [16, 32, 64])
+    stem_stride: int = 1
+    gamma: float = 5.0
+    alpha: float = 0.8
+    beta: float = 0.1
+    curriculum: bool = True
+    curriculum_stage_steps: int = 0
+    curriculum_blocks_per_stage: int = 0
+    finetune_epochs: int = 0
+    finetune_lr: float = 1e-4
+    finetune_modules: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    calibration_offsets: list[float] = field(
+        default_factory=lambda: [-2.0, -1.5, -1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
+    )
+
+    def validate(self) -> None:
+        _check_range("options.input_size", self.input_size, 4, None)
+        if not self.widths:
+            raise DynconvertError("recipe key 'options.widths' must name at least one width")
+        for width in self.widths:
+            _check_range("options.widths", width, 1, None)
+        _check_choice("options.stem_stride", self.stem_stride, STEM_STRIDES)
+        _check_range("options.gamma", self.gamma, 0.0, None)
+        _check_range("options.alpha", self.alpha, 0.5, 1.0)
+        _check_range("options.beta", self.beta, 0.0, None)
+        _check_range("options.curriculum_stage_steps", self.curriculum_stage_steps, 0, None)
+        _check_range("options.curriculum_blocks_per_stage", self.curriculum_blocks_per_stage, 0, None)
+        _check_range("options.finetune_epochs", self.finetune_epochs, 0, None)
+        _check_range("options.finetune_lr", self.finetune_lr, 0.0, None)
+
+
+@register_strategy
+class BlockDrop(Strategy):
+    """A policy network decides, from the downsampled image, which residual blocks run."""
+
+    name = "blockdrop"
+    config_class = BlockDropConfig
+
+    @staticmethod
+    def prepare(model, recipe, config: BlockDropConfig, example, num_classes, blocks=None, tuned=None):
+        if recipe.train.tune_backbone:
+            raise DynconvertError(
+                "blockdrop keeps the backbone frozen while the policy learns; to tune it, set "
+                "options.finetune_epochs and options.finetune_modules instead of train.tune_backbone"
+            )
+        gm, units = common.plan_units(model, recipe, example, config.exclude, blocks)
+
+        def make_policy(shapes):
+            return PolicyNetwork(
+                len(shapes),
+                in_channels=example.shape[1],
+                input_size=config.input_size,
+                widths=config.widths,
+                stem_stride=config.stem_stride,
+            ).eval()
+
+        dyn = common.build_block_skip_model(gm, units, example, make_policy)
+        if tuned:
+            own_tuned_units(dyn, tuned)
+            dyn.plan["replay"]["tuned"] = sorted(set(tuned))
+        return dyn
+
+    @staticmethod
+    def fit(dyn, data, prep, recipe, config: BlockDropConfig) -> dict:
+        history = train_policy(dyn, data, prep, recipe, config)
+        static_logits = None
+        if config.finetune_epochs > 0:
+            # the budget is measured against the original network, which fine-tuning changes
+            static_logits = common.teacher_logits(dyn, data.calibration, prep, recipe)
+            history += finetune_jointly(dyn, data, prep, recipe, config)
+        calibration = common.calibrate_bias(
+            dyn, data.calibration, prep, recipe, config.calibration_offsets, static_logits
+        )
+        return {"train": history, **calibration}
+
+    @staticmethod
+    def sweep_on_split(dyn, split, prep, recipe, sweep):
+        return common.sweep_points_on_split(dyn, split, prep, recipe, sweep)

@@ -1,0 +1,257 @@
+"""BlockDrop's training loops: curriculum policy learning with the backbone frozen, then
+optional joint fine-tuning of policy and backbone.
+
+Both use REINFORCE with a self-critical baseline: actions are sampled from the bounded keep
+probabilities, the network runs with them (skipped blocks really skipped, see
+``BlockSkipModel.route_with``), and the advantage over the greedy policy (keep where
+``p >= 0.5``) weighs the log-probability of the sample.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from dynconvert.convert.train import batches, distillation_loss, freeze
+from dynconvert.errors import DynconvertError
+from dynconvert.runtime.block_skip import BlockSkipModel
+from dynconvert.strategies import block_skip_common as common
+
+
+def bounded_probs(logits: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Keep probabilities bounded away from 0 and 1: ``alpha * p + (1 - alpha) * (1 - p)``."""
+    p = torch.sigmoid(logits)
+    return alpha * p + (1.0 - alpha) * (1.0 - p)
+
+
+def blockdrop_reward(correct: torch.Tensor, flops_ratio: torch.Tensor, gamma: float) -> torch.Tensor:
+    """BlockDrop's reward: ``1 - flops_ratio^2`` for a correct prediction, ``-gamma`` otherwise.
+
+    Example: ``blockdrop_reward(torch.tensor([True, False]), torch.tensor([0.5, 0.5]), 5.0)``
+    is ``[0.75, -5.0]``.
+    """
+    ratio = flops_ratio.float()
+    return torch.where(correct, 1.0 - ratio**2, torch.full_like(ratio, -gamma))
+
+
+def curriculum_schedule(num_blocks: int, stages: int, per_stage: int = 0) -> list[int]:
+    """How many blocks (the last ones) the policy decides at each curriculum stage.
+
+    ``per_stage`` blocks are added per stage; 0 means as few as decide every block by the
+    last stage. Example: ``curriculum_schedule(9, 3)`` is ``[3, 6, 9]``.
+    """
+    stages = max(1, stages)
+    per_stage = per_stage or math.ceil(num_blocks / stages)
+    return [min(num_blocks, (stage + 1) * per_stage) for stage in range(stages)]
+
+
+def decided_mask(num_blocks: int, decided: int, device=None) -> torch.Tensor:
+    """Bool ``(num_blocks,)``: True for the last ``decided`` blocks (the others are forced on)."""
+    mask = torch.zeros(num_blocks, dtype=torch.bool, device=device)
+    if decided > 0:
+        mask[num_blocks - min(decided, num_blocks) :] = True
+    return mask
+
+
+def own_tuned_units(dyn: BlockSkipModel, indices: list[int]) -> None:
+    """Give ``dyn`` its own copies of the units at ``indices`` (full and skipped forms sharing
+    modules), so tuning them leaves the original network as it was, and register them under
+    ``dyn.tuned`` so they are saved."""
+    for i in sorted(set(indices)):
+        dyn.units[i], dyn.skipped_units[i] = copy.deepcopy((dyn.units[i], dyn.skipped_units[i]))
+    dyn.register_tuned_units(indices)
+
+
+def reinforce_step(
+    dyn: BlockSkipModel,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config,
+    mask: torch.Tensor,
+    backbone_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """One REINFORCE step's loss for the policy; blocks outside ``mask`` are forced on.
+
+    Returns (policy loss, logits of the network run with the sampled actions, statistics).
+    With ``backbone_grad`` those logits carry gradients into the backbone (joint
+    fine-tuning); otherwise both backbone passes run under ``torch.no_grad``.
+    """
+    logits = dyn.dyn.controller.start(images) + dyn.dyn.bias
+    probs = bounded_probs(logits, config.alpha)
+    dist = torch.distributions.Bernoulli(probs=probs)
+    with torch.no_grad():
+        sample = dist.sample().bool() | ~mask
+        greedy = (logits >= 0) | ~mask
+    if backbone_grad:
+        out = dyn.route_with(images, sample).logits
+        with torch.no_grad():
+            greedy_out = dyn.route_with(images, greedy).logits
+    else:
+        with torch.no_grad():  # one pass over both action sets: bigger sub-batches per block
+            both = dyn.route_with(torch.cat([images, images]), torch.cat([sample, greedy])).logits
+            out, greedy_out = both.split(len(images))
+    with torch.no_grad():
+        static = dyn.static_flops()
+        ratio = (dyn.sample_flops(sample) / static).float().to(images.device)
+        greedy_ratio = (dyn.sample_flops(greedy) / static).float().to(images.device)
+        correct = out.argmax(1) == labels
+        reward = blockdrop_reward(correct, ratio, config.gamma)
+        advantage = reward - blockdrop_reward(greedy_out.argmax(1) == labels, greedy_ratio, config.gamma)
+    maskf = mask.to(probs.dtype)
+    log_prob = (dist.log_prob(sample.to(probs.dtype)) * maskf).sum(1)
+    entropy = (dist.entropy() * maskf).sum(1)
+    loss = -(advantage * log_prob).mean() - config.beta * entropy.mean()
+    stats = {
+        "reward": float(reward.mean()),
+        "accuracy": float(correct.float().mean()),
+        "flops_ratio": float(ratio.mean()),
+        "greedy_flops_ratio": float(greedy_ratio.mean()),
+    }
+    return loss, out, stats
+
+
+class _Totals:
+    """Sample-weighted running means of a few statistics, for one epoch."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.n = 0
+
+    def add(self, stats: dict, n: int) -> None:
+        for key, value in stats.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value * n
+        self.n += n
+
+    def means(self) -> dict:
+        return {k: v / max(1, self.n) for k, v in self.sums.items()}
+
+
+def train_policy(dyn: BlockSkipModel, data, prep, recipe, config) -> list[dict]:
+    """Curriculum policy learning, backbone frozen: at stage t only the last blocks of
+    ``curriculum_schedule`` are decided by the policy, the earlier ones kept.
+
+    Adam at ``train.lr`` (constant, as in the paper) for ``train.epochs`` epochs of
+    ``train.batch_size``; returns one record per epoch.
+    """
+    cfg = recipe.train
+    freeze(dyn.units)
+    freeze(dyn.skipped_units)
+    steps_per_epoch = math.ceil(len(data.fit) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    if total == 0:
+        return []
+    stage_steps = config.curriculum_stage_steps or steps_per_epoch
+    stages = math.ceil(total / stage_steps)
+    k = dyn.num_blocks
+    schedule = curriculum_schedule(k, stages, config.curriculum_blocks_per_stage) if config.curriculum else [k]
+    controller = dyn.dyn.controller
+    controller.train()
+    optimizer = torch.optim.Adam(controller.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    history, step = [], 0
+    with tqdm(total=total, desc="train policy", unit="step") as bar:
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(len(data.fit), generator=generator)
+            totals = _Totals()
+            for images, labels, _ in batches(data.fit, prep, cfg.batch_size, recipe.device, order):
+                decided = schedule[min(step // stage_steps, len(schedule) - 1)]
+                step += 1
+                bar.update(1)
+                if len(labels) < 2:  # BatchNorm in the policy needs two samples
+                    continue
+                mask = decided_mask(k, decided, images.device)
+                loss, _, stats = reinforce_step(dyn, images, labels, config, mask)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                totals.add({"loss": loss.item(), **stats}, len(labels))
+                bar.set_postfix(reward=f"{stats['reward']:.3f}", flops=f"{stats['flops_ratio']:.2f}", decided=decided)
+            history.append({"phase": "curriculum", "epoch": epoch, "decided_blocks": decided, **totals.means()})
+    controller.eval()
+    dyn.eval()
+    return history
+
+
+def tunable_units(dyn: BlockSkipModel, prefixes: list[str]) -> list[int]:
+    """Indices of the units holding a parameter named by ``prefixes`` (empty: every unit)."""
+    found, used = [], set()
+    for i, unit in enumerate(dyn.units):
+        for name, _ in unit.named_parameters():
+            hits = [t for t in prefixes if name == t or name.startswith(t + ".")]
+            used.update(hits)
+            if hits or not prefixes:
+                found.append(i)
+    unknown = [t for t in prefixes if t not in used]
+    if unknown:
+        raise DynconvertError(f"options.finetune_modules names {', '.join(unknown)}, which hold no backbone parameter")
+    return sorted(set(found))
+
+
+def finetune_jointly(dyn: BlockSkipModel, data, prep, recipe, config) -> list[dict]:
+    """Joint fine-tuning: the policy keeps learning by REINFORCE (every block decided) while
+    the backbone modules of ``finetune_modules`` learn from cross-entropy + self-distillation
+    from the original network, on the network the sampled actions execute.
+
+    The tuned units become copies owned by ``dyn`` (saved under ``dyn.tuned``); BatchNorm
+    stays in eval mode. AdamW with a cosine schedule; returns one record per epoch.
+    """
+    cfg = recipe.train
+    teacher = common.teacher_logits(dyn, data.fit, prep, recipe) if cfg.distill_weight > 0 else None
+    indices = tunable_units(dyn, config.finetune_modules)
+    own_tuned_units(dyn, indices)
+    dyn.plan["replay"]["tuned"] = indices
+    freeze(dyn.units)
+    freeze(dyn.skipped_units)
+    backbone = []
+    for i in indices:
+        for name, param in dyn.units[i].named_parameters():
+            if not config.finetune_modules or any(
+                name == t or name.startswith(t + ".") for t in config.finetune_modules
+            ):
+                param.requires_grad_(True)
+                backbone.append(param)
+    controller = dyn.dyn.controller
+    controller.train()
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": list(controller.parameters()), "lr": config.finetune_lr},
+            {"params": backbone, "lr": cfg.backbone_lr},
+        ],
+        weight_decay=cfg.weight_decay,
+    )
+    steps = max(1, config.finetune_epochs * math.ceil(len(data.fit) / cfg.batch_size))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    generator = torch.Generator().manual_seed(recipe.seed + 1)
+    mask = decided_mask(dyn.num_blocks, dyn.num_blocks, recipe.device)
+    history = []
+    with tqdm(total=steps, desc="fine-tune jointly", unit="step") as bar:
+        for epoch in range(config.finetune_epochs):
+            order = torch.randperm(len(data.fit), generator=generator)
+            totals = _Totals()
+            for images, labels, index in batches(data.fit, prep, cfg.batch_size, recipe.device, order):
+                bar.update(1)
+                if len(labels) < 2:
+                    continue
+                policy_loss, out, stats = reinforce_step(dyn, images, labels, config, mask, backbone_grad=True)
+                if teacher is None:
+                    task_loss = torch.nn.functional.cross_entropy(out, labels)
+                else:
+                    task_loss = distillation_loss(
+                        out, labels, teacher[index].to(out.device), cfg.distill_temperature, cfg.distill_weight
+                    )
+                loss = policy_loss + task_loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                totals.add({"loss": loss.item(), "task_loss": task_loss.item(), **stats}, len(labels))
+                bar.set_postfix(reward=f"{stats['reward']:.3f}", flops=f"{stats['flops_ratio']:.2f}")
+            history.append({"phase": "finetune", "epoch": epoch, **totals.means()})
+    for param in backbone:
+        param.requires_grad_(False)
+    controller.eval()
+    dyn.eval()
+    return history

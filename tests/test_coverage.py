@@ -1,0 +1,33 @@
+"""The coverage check of bench/coverage.py on timm's tiny test models, for every registered strategy:
+prepare, invariance, one training step, hard decisions and save/load all pass (or the strategy
+is not applicable: a block-skipping strategy on a network with no residual block)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+import dynconvert
+
+# appended, not prepended: bench/coverage.py must not shadow the `coverage` package
+sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))
+
+from coverage_check import check_model  # noqa: E402
+
+BLOCK_SKIPPING = {"skipnet", "blockdrop"}
+
+
+@pytest.mark.parametrize("strategy", dynconvert.list_strategies())
+@pytest.mark.parametrize("model", ["test_resnet", "test_efficientnet", "test_vit"])
+def test_insertion_works_on_timm_test_models(model, strategy):
+    record = check_model(model, strategy)
+    details = f"{record['step']}: {record['reason']} (at {record['where']})"
+    if model == "test_efficientnet" and strategy in BLOCK_SKIPPING:  # its blocks have no skip connection
+        assert record["result"] == "n/a", details
+        return
+    assert record["result"] == "pass", details
+    assert record["step"] is None
+    assert record["details"]["invariance_error"] <= 1e-4
+    assert record["details"]["load_error"] <= 1e-5
