@@ -127,9 +127,11 @@ def test_second_exit_skips_the_last_segment(small_dyn, batch):
 def test_hooks_see_every_segment_when_no_exit_is_taken(small_dyn):
     """Positive control for the skipping tests: the hooks do fire."""
     dyn, _ = small_dyn
+    dyn.dyn.thresholds.copy_(torch.tensor([1.0, 1.0]))  # reachable in principle, so the heads run
     calls = count_calls(dyn)
     with torch.no_grad():
-        dyn.route(torch.randn(3, 3, 32, 32))
+        routed = dyn.route(torch.randn(3, 3, 32, 32))
+    assert routed.exits.tolist() == [2, 2, 2]
     assert all(calls[name] == [3] for name in ("segment0", "segment1", "segment2", "head0", "head1"))
 
 

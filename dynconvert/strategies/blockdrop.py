@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dynconvert.errors import DynconvertError
-from dynconvert.recipe import _check_choice, _check_range
+from dynconvert.recipe import _check_range
 from dynconvert.runtime.policy import STEM_STRIDES, PolicyNetwork
 from dynconvert.strategies import block_skip_common as common
 from dynconvert.strategies.blockdrop_training import finetune_jointly, own_tuned_units, train_policy
@@ -27,8 +27,8 @@ class BlockDropConfig:
     ``gamma``: penalty (reward ``-gamma``) for a wrong prediction. ``alpha``: probability
     bounding, ``p -> alpha * p + (1 - alpha) * (1 - p)``. ``beta``: entropy bonus.
     ``curriculum_stage_steps``: training steps per curriculum stage (0: one stage per epoch).
-    ``curriculum_blocks_per_stage``: blocks the policy takes over per stage (0: as few as
-    decide every block by the last stage). ``finetune_epochs``/``finetune_lr``/
+    ``curriculum_blocks_per_stage``: blocks the policy takes over per stage, at least (more
+    where needed to decide every block by the last stage; 0: just that many). ``finetune_epochs``/``finetune_lr``/
     ``finetune_modules``: joint fine-tuning (0 epochs: off; policy learning rate; backbone
     module name prefixes to tune, empty: all; their learning rate is ``train.backbone_lr``).
     """
@@ -56,7 +56,11 @@ class BlockDropConfig:
             raise DynconvertError("recipe key 'options.widths' must name at least one width")
         for width in self.widths:
             _check_range("options.widths", width, 1, None)
-        _check_choice("options.stem_stride", self.stem_stride, STEM_STRIDES)
+        if self.stem_stride not in STEM_STRIDES:
+            raise DynconvertError(
+                f"recipe key 'options.stem_stride' must be one of {', '.join(map(str, STEM_STRIDES))}, "
+                f"got {self.stem_stride}"
+            )
         _check_range("options.gamma", self.gamma, 0.0, None)
         _check_range("options.alpha", self.alpha, 0.5, 1.0)
         _check_range("options.beta", self.beta, 0.0, None)

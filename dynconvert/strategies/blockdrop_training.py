@@ -40,11 +40,12 @@ def blockdrop_reward(correct: torch.Tensor, flops_ratio: torch.Tensor, gamma: fl
 def curriculum_schedule(num_blocks: int, stages: int, per_stage: int = 0) -> list[int]:
     """How many blocks (the last ones) the policy decides at each curriculum stage.
 
-    ``per_stage`` blocks are added per stage; 0 means as few as decide every block by the
-    last stage. Example: ``curriculum_schedule(9, 3)`` is ``[3, 6, 9]``.
+    At least ``per_stage`` blocks are added per stage, and more where needed to decide every
+    block by the last stage (0: just that many). Example: ``curriculum_schedule(9, 3)`` is
+    ``[3, 6, 9]``, ``curriculum_schedule(4, 6, per_stage=1)`` is ``[1, 2, 3, 4, 4, 4]``.
     """
     stages = max(1, stages)
-    per_stage = per_stage or math.ceil(num_blocks / stages)
+    per_stage = max(per_stage, math.ceil(num_blocks / stages))
     return [min(num_blocks, (stage + 1) * per_stage) for stage in range(stages)]
 
 
