@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import shutil
@@ -100,6 +101,7 @@ def convert_recipe(recipe: Recipe, model: nn.Module | None = None, out: str | Pa
         "latency": latency,
         "sweep_on_evaluation": strategy.sweep_on_split(dyn, data.evaluation, prep, recipe, fitted.get("sweep", [])),
         "versions": versions(),
+        "recipe_sha256": hashlib.sha256(recipe.to_yaml().encode()).hexdigest(),
         "base": dyn.base_info,
         "seconds": time.perf_counter() - started,
     }

@@ -1,0 +1,75 @@
+"""Markdown tables of the benchmark results in bench/results/*.json (what the README shows).
+
+python bench/tables.py [early_exit|skipnet|blockdrop|speed ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from common import RESULTS
+
+
+def early_exit(data: dict) -> str:
+    rows = [
+        "| data (test images) | static acc. | dynamic acc. | change | "
+        "FLOPs ratio | exits taken (first ... full) | est. drop on calibration (95% bound) | conversion time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in data["runs"]:
+        c = r["calibration_check"]
+        bound = c.get("estimated_accuracy_drop_bound_95")
+        rows.append(
+            f"| {r['data']} ({r['evaluated_samples']:,}) | {100 * r['static_accuracy']:.2f}% | "
+            f"{100 * r['dynamic_accuracy']:.2f}% | {r['accuracy_change_points']:+.2f} pt | {r['flops_ratio']:.3f} | "
+            f"{' / '.join(str(n) for n in r['exit_histogram'])} | {100 * c['estimated_accuracy_drop']:.2f} pt"
+            f"{f' ({100 * bound:.2f})' if bound is not None else ''} | {r['conversion_seconds'] / 60:.1f} min |"
+        )
+    return "\n".join(rows)
+
+
+def block_skip(data: dict) -> str:
+    rows = [
+        "| variant | static acc. | dynamic acc. | change | "
+        "FLOPs ratio | blocks used (mean of total) | distinct policies | conversion time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in data["runs"]:
+        rows.append(
+            f"| {r.get('gate') or r.get('variant')} | {100 * r['static_accuracy']:.2f}% | "
+            f"{100 * r['dynamic_accuracy']:.2f}% | {r['accuracy_change_points']:+.2f} pt | {r['flops_ratio']:.3f} | "
+            f"{r['blocks_used_mean']:.1f} of {r['blocks_total']} | {r['distinct_policies']} | "
+            f"{r['conversion_seconds'] / 60:.1f} min |"
+        )
+    return "\n".join(rows)
+
+
+def speed(data: dict) -> str:
+    rows = [
+        "| strategy | FLOPs ratio | time ratio, batch 1 | "
+        "time/FLOPs, batch 1 | time ratio, batch 64 | time/FLOPs, batch 64 | static ms (batch 1 / 64) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in data["results"]:
+        b1, b64 = r["batch1"], r["batch64"]
+        rows.append(
+            f"| {r['strategy']} | {r['flops_ratio']:.3f} | {b1['time_ratio']:.3f} | "
+            f"{b1['time_ratio_over_flops_ratio']:.2f} | {b64['time_ratio']:.3f} | "
+            f"{b64['time_ratio_over_flops_ratio']:.2f} | {b1['static_ms']:.2f} / {b64['static_ms']:.1f} |"
+        )
+    return "\n".join(rows)
+
+
+RENDER = {"early_exit": early_exit, "skipnet": block_skip, "blockdrop": block_skip, "speed": speed}
+
+
+def main() -> None:
+    for name in sys.argv[1:] or list(RENDER):
+        path = RESULTS / f"{name}.json"
+        if path.is_file():
+            print(f"## {name}\n\n{RENDER[name](json.loads(path.read_text()))}\n")
+
+
+if __name__ == "__main__":
+    main()
