@@ -1,0 +1,71 @@
+"""SkipNet and BlockDrop on the pretrained CIFAR-10 ResNet-56, as a user types them.
+
+    python bench/block_skip.py --strategy skipnet [--variants default recurrent]
+    python bench/block_skip.py --strategy blockdrop
+
+"default" is the command with defaults only (the built-in recipe); other variants add one
+``--set`` (``recurrent``: ``options.gate=recurrent``). Fits and calibrates on the train split,
+evaluates on the whole test split. Writes bench/results/STRATEGY.json and each run's report.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+
+from common import OUT, RESULTS, SHARED, machine, run_cli, write_result
+
+VARIANTS = {"default": [], "recurrent": ["--set", "options.gate=recurrent"]}
+
+
+def row(variant: str, command: list[str], report: dict, seconds: float) -> dict:
+    dynamic = report["dynamic"]
+    return {
+        "variant": variant,
+        "command": "dynconvert " + " ".join(command),
+        "splits": report["splits"],
+        "evaluated_samples": report["evaluated_samples"],
+        "static_accuracy": report["static"]["accuracy"],
+        "dynamic_accuracy": dynamic["accuracy"],
+        "accuracy_change_points": 100 * report["accuracy_change"],
+        "flops_ratio": report["flops_ratio"],
+        "controller_mflops": report["inserted_flops"] / 1e6,
+        "blocks_used_mean": dynamic["blocks_used_mean"],
+        "blocks_used_std": dynamic["blocks_used_std"],
+        "blocks_total": dynamic["blocks_total"],
+        "blocks_used_histogram": dynamic["blocks_used_histogram"],
+        "block_execution_rate": dynamic["block_execution_rate"],
+        "distinct_policies": dynamic["distinct_policies"],
+        "latency_batch1": report["latency"],
+        "calibration_check": report["calibration_check"],
+        "calibration_sweep": report["calibration"]["sweep"],
+        "conversion_seconds": seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--strategy", choices=["skipnet", "blockdrop"], required=True)
+    parser.add_argument("--variants", nargs="+", default=["default"], choices=sorted(VARIANTS))
+    parser.add_argument("--data", default="cifar10-jpeg")
+    parser.add_argument("--model", default="cifar_resnet56")
+    parser.add_argument("--weights", default=str(SHARED / "models" / "resnet56-4bfd9763.th"))
+    args = parser.parse_args()
+    rows = []
+    for variant in args.variants:
+        out = OUT / f"{args.strategy}-{args.model}-{args.data}-{variant}"
+        command = [args.model, "--strategy", args.strategy, "--weights", args.weights]
+        command += ["--data", str(SHARED / "data" / args.data), *VARIANTS[variant]]
+        report, seconds = run_cli(command, out)
+        shutil.copy(out / "report.png", RESULTS / f"{args.strategy}_{args.model}_{variant}.png")
+        rows.append(row(variant, command, report, seconds))
+        print(
+            f"{args.strategy} {variant}: {100 * report['static']['accuracy']:.2f}% -> "
+            f"{100 * report['dynamic']['accuracy']:.2f}%, FLOPs ratio {report['flops_ratio']:.3f}, "
+            f"{seconds / 60:.1f} min"
+        )
+    write_result(args.strategy, {"machine": machine(), "data": args.data, "runs": rows})
+
+
+if __name__ == "__main__":
+    main()
