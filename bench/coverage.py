@@ -30,6 +30,39 @@ DEFAULT_MD = REPO / "docs" / "coverage.md"
 DEFAULT_JSON = RESULTS / "coverage.json"
 
 
+# What the failures seen so far come from (diagnosed by hand); shown next to the matching group.
+KNOWN_CAUSES = [
+    (
+        "but the architecture has residual blocks",
+        "the residual additions are out of the analysis' sight: inside a module timm marks as not "
+        "traceable (NF-Net's `NormFreeBlock` is an fx leaf), or between points where more than one "
+        "value is alive (CoaT hands the feature size (H, W) from block to block next to the tokens)",
+    ),
+    (
+        "the traced graph has no block ends",
+        "no point of the traced graph has a single live tensor (CoaT hands the feature size (H, W) "
+        "from block to block next to the tokens), so there is no place to cut",
+    ),
+    (
+        "modified by an inplace operation",
+        "the skipped form of a unit mutates its input: with the addition removed, the in-place "
+        "activation after it (`ReLU(inplace=True)`) runs on the shortcut, which is the unit's input "
+        "(`passes/residual.py: skipped_form`); `forward_relaxed` then runs the full form on the mutated "
+        "tensor and autograd refuses",
+    ),
+    (
+        "Expected gradient function to be set",
+        "torch's `FlopCounterMode` (its module tracker) under `torch.no_grad` fails on a module input "
+        "that is a view of a parameter (`AttentionPoolLatent`: `latent.expand(...)`, ViTs with "
+        "`global_pool='map'`); `convert/costs.py` counts FLOPs under `no_grad` with parameters that require grad",
+    ),
+]
+
+
+def known_cause(reason: str) -> str | None:
+    return next((cause for key, cause in KNOWN_CAUSES if key in reason), None)
+
+
 class _Timeout(Exception):
     pass
 
@@ -120,7 +153,13 @@ def render_markdown(records: list[dict], summary: dict, command: str, meta: dict
         "5. **save_load**: `dyn.save(dir)` then `dynconvert.load(dir, model=base)` gives the same routed",
         "   outputs and decisions (and, for early exit, every head's logits).",
         "",
-        "A block-skipping strategy on a network with no residual block is *n/a*, not a pass.",
+        "A block-skipping strategy on a network with no residual block is *n/a*, not a pass; on a network",
+        "whose architecture has residual blocks (per its timm source) finding none is a failure.",
+        "",
+        "The base model's `pretrained_cfg['input_size']` is set to the check's input size, because",
+        "`dynconvert.load` rebuilds the model with an example of that size (the size a conversion used",
+        'is not saved), and exit heads depend on the feature-map size. The "reason" column of a pass',
+        "says what was inserted: exits, or gated units out of all units the network was cut into.",
         "",
         "Produced by:",
         "",
@@ -161,6 +200,9 @@ def render_markdown(records: list[dict], summary: dict, command: str, meta: dict
             groups[(r["step"], _group_key(r["reason"]))].append(f"{r['model']} ({r['strategy']})")
         for (step, reason), who in sorted(groups.items(), key=lambda kv: -len(kv[1])):
             lines.append(f"- **{step}**: {_cell(reason, 200)} ({len(who)}): {', '.join(who)}")
+            cause = known_cause(reason)
+            if cause:
+                lines.append(f"  - cause: {cause}.")
     lines += [
         "",
         "## Results",

@@ -44,16 +44,22 @@ NOT_APPLICABLE = "found no residual block"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A timm model as the check builds it: name, family, input side and extra timm kwargs."""
+    """A timm model as the check builds it: name, family, input side and extra timm kwargs.
+
+    ``residual`` says whether the architecture has residual blocks (read from its timm source):
+    a block-skipping strategy that finds none is then a failure, not "n/a". None: unknown,
+    trust the library.
+    """
 
     name: str
     family: str
     size: int = 64
     kwargs: dict = field(default_factory=dict)
+    residual: bool | None = True
 
 
-def _spec(name: str, family: str, size: int = 64, **kwargs) -> ModelSpec:
-    return ModelSpec(name, family, size, kwargs)
+def _spec(name: str, family: str, size: int = 64, residual: bool | None = True, **kwargs) -> ModelSpec:
+    return ModelSpec(name, family, size, kwargs, residual)
 
 
 def _vit(name: str, family: str, size: int = 64, **kwargs) -> ModelSpec:
@@ -101,18 +107,18 @@ MODELS: list[ModelSpec] = [
     _vit("mixer_s16_224", "MLP"),
     _vit("resmlp_12_224", "MLP"),
     _spec("poolformer_s12", "MetaFormer"),
-    _spec("densenet121", "other CNN"),
-    _spec("vgg11", "other CNN"),
+    _spec("densenet121", "other CNN", residual=False),
+    _spec("vgg11", "other CNN", residual=False),
     _spec("dla34", "other CNN"),
     _spec("ghostnet_100", "other CNN"),
     _spec("repvgg_a0", "other CNN"),
     _spec("cspresnet50", "other CNN"),
-    _spec("ese_vovnet19b_dw", "other CNN"),
+    _spec("ese_vovnet19b_dw", "other CNN", residual=False),
     _spec("rexnet_100", "other CNN"),
-    _spec("lcnet_050", "other CNN"),
+    _spec("lcnet_050", "other CNN", residual=False),
     _spec("hrnet_w18_small", "other CNN"),
     _spec("nf_resnet26", "other CNN"),
-    _spec("inception_v3", "other CNN", size=96),
+    _spec("inception_v3", "other CNN", size=96, residual=False),
 ]
 
 # timm's own tiny test models; the MaxViT-style ones need an input their windows divide.
@@ -126,7 +132,8 @@ def timm_test_specs() -> list[ModelSpec]:
     for name in timm.list_models("test_*"):
         size = _TEST_SIZES.get(name, 64)
         kwargs = {"img_size": size} if name in _TEST_IMG_SIZE else {}
-        specs.append(ModelSpec(name, "timm test model", size, kwargs))
+        residual = not name.startswith("test_efficientnet")  # their blocks have no skip connection
+        specs.append(ModelSpec(name, "timm test model", size, kwargs, residual))
     return specs
 
 
@@ -139,7 +146,7 @@ def spec_for(name: str) -> ModelSpec:
     for spec in all_specs():
         if spec.name == name:
             return spec
-    return ModelSpec(name, "other")
+    return ModelSpec(name, "other", residual=None)
 
 
 class CheckFailed(Exception):
@@ -239,6 +246,10 @@ def step_train(dyn, model, strategy_name: str, config, x: torch.Tensor) -> dict:
         raise CheckFailed("no trainable parameter under dyn.")
     before = [p.detach().clone() for p in params]
     backbone = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # the backbone frozen as the strategies' fit freezes it: no gradient, BatchNorm in eval mode
+    frozen = [p for name, p in dyn.named_parameters() if not name.startswith("dyn.") and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
     dyn.eval()
     dyn.dyn.train()
     optimizer = torch.optim.Adam(params, lr=1e-2)
@@ -252,6 +263,8 @@ def step_train(dyn, model, strategy_name: str, config, x: torch.Tensor) -> dict:
         optimizer.step()
     finally:
         dyn.eval()
+        for p in frozen:
+            p.requires_grad_(True)
         for p in dyn.parameters():
             p.grad = None
     changed = sum(not torch.equal(b, p.detach()) for b, p in zip(before, params))
@@ -339,7 +352,7 @@ def _where(exc: BaseException) -> str | None:
     """The innermost frame of the traceback inside dynconvert, as ``file:line``."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/dynconvert/" in f.filename]
     if not frames:
-        return None
+        return _where(exc.__cause__) if exc.__cause__ is not None else None
     f = frames[-1]
     return f"{f.filename.split('/dynconvert/', 1)[1]}:{f.lineno}"
 
@@ -390,10 +403,12 @@ def check_model(spec: ModelSpec | str, strategy_name: str, seed: int = 0) -> dic
             try:
                 dyn = strategy.prepare(model, recipe, config, example, NUM_CLASSES)
             except DynconvertError as exc:
-                if NOT_APPLICABLE in str(exc):
-                    record.update(result="n/a", reason="no residual block to skip")
-                    return record
-                raise
+                if NOT_APPLICABLE not in str(exc):
+                    raise
+                if spec.residual:
+                    raise CheckFailed(f"{exc} (but the architecture has residual blocks)") from exc
+                record.update(result="n/a", reason="no residual block to skip")
+                return record
             dyn = dyn.eval()
             dyn.recipe, dyn.preprocess = recipe, prep
             dyn.base_info = {"model": spec.name, "weights": None, "weights_sha256": None, "num_classes": NUM_CLASSES}
