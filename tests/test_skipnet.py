@@ -140,3 +140,33 @@ def test_tiny_conversion_round_trip(gate, tiny_data, tiny_weights, tmp_path):
         a, b = dyn.route(x), loaded.route(x)
     assert torch.equal(a.kept, b.kept)
     assert_close(a.logits, b.logits)
+
+
+def test_skipped_form_leaves_its_input_alone_before_an_in_place_activation():
+    model = timm.create_model("resnet18", pretrained=False).eval()  # ReLU(inplace=True) after each add
+    x = torch.randn(2, 3, 64, 64)
+    gm = trace(model, example=x)
+    units = find_units(gm, node_flops(gm, x))
+    h = full_form(gm, units[0])(x)
+    block = units[1]
+    before = h.clone()
+    out = skipped_form(gm, block)(h)
+    assert_close(h, before)  # the unit's input is untouched
+    assert_close(out, torch.relu(before))
+
+
+def test_flops_of_a_module_that_views_a_parameter():
+    from dynconvert.convert.costs import count_flops
+
+    class Latent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.latent = torch.nn.Parameter(torch.randn(1, 4, 8))
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.proj(self.latent.expand(x.shape[0], -1, -1)) + x
+
+    module = Latent()
+    assert count_flops(module, torch.randn(3, 4, 8)) == 2 * 4 * 8 * 8
+    assert all(p.requires_grad for p in module.parameters())

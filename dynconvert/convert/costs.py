@@ -6,6 +6,8 @@ FLOPs here are 2 x multiply-accumulates of convolutions and matrix products, as 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -16,9 +18,22 @@ FLOPS_DEFINITION = (
 )
 
 
+@contextmanager
+def _parameters_without_grad(module):
+    """FlopCounterMode fails on views of parameters that require grad (attention-pool latents)."""
+    params = [p for p in module.parameters() if p.requires_grad] if isinstance(module, nn.Module) else []
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def count_flops(module: nn.Module, *inputs: torch.Tensor) -> float:
     """FLOPs of one call of ``module`` on ``inputs``, divided by the batch size."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), _parameters_without_grad(module), FlopCounterMode(display=False) as counter:
         module(*inputs)
     return counter.get_total_flops() / inputs[0].shape[0]
 
@@ -34,6 +49,6 @@ def node_flops(gm: fx.GraphModule, example: torch.Tensor) -> dict[str, float]:
             per_node[n.name] = (counter.get_total_flops() - before) / example.shape[0]
             return out
 
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), _parameters_without_grad(gm), FlopCounterMode(display=False) as counter:
         Counting(gm).run(example)
     return per_node

@@ -49,6 +49,7 @@ def save_dynamic(dyn: nn.Module, folder: str | Path) -> Path:
         "strategy": dyn.recipe.strategy,
         "plan": dyn.plan,
         "base": dyn.base_info,
+        "input_size": list(dyn.preprocess.input_size) if getattr(dyn, "preprocess", None) else None,
         "versions": versions(),
         "steps": ["build", "trace", "plan", "passes", "train", "calibrate"],
     }
@@ -94,6 +95,8 @@ def load_dynamic(folder: str | Path, model: nn.Module | None = None, device: str
     strategy = get_strategy(meta["strategy"])
     config = strategy_config(recipe, strategy)
     prep = Preprocess.from_model(model)
+    if meta.get("input_size"):  # the size the conversion ran at (inserted heads depend on it)
+        prep.input_size = tuple(meta["input_size"])
     example = torch.randn(2, *prep.input_size)
     dyn = strategy.prepare(model, recipe, config, example, base_info["num_classes"], **meta["plan"]["replay"])
     try:
@@ -108,9 +111,16 @@ def load_dynamic(folder: str | Path, model: nn.Module | None = None, device: str
 
 
 def _load_inserted(dyn: nn.Module, state: dict) -> tuple[list[str], list[str]]:
-    own = {k for k in dyn.state_dict() if k.startswith("dyn.")}
-    missing = sorted(own - state.keys())
-    unexpected = sorted(state.keys() - own)
+    own = {k: v for k, v in dyn.state_dict().items() if k.startswith("dyn.")}
+    missing = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
+    wrong = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise DynconvertError(
+            f"saved tensor '{k}' has shape {tuple(state[k].shape)}, the rebuilt model expects "
+            f"{tuple(own[k].shape)}: the base model or its input size differ from the conversion's"
+        )
     if not missing and not unexpected:
         dyn.load_state_dict(state, strict=False)
     return missing, unexpected

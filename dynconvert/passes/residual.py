@@ -135,12 +135,30 @@ def skipped_form(gm: fx.GraphModule, unit: Unit) -> fx.GraphModule:
     """The unit with its residual branch removed: the addition returns the shortcut alone."""
     segment = extract_segment(gm, unit.start, unit.end)
     add = next(n for n in segment.graph.nodes if n.name == unit.add_node)
-    add.replace_all_uses_with(add.args[unit.shortcut_operand])
+    shortcut = add.args[unit.shortcut_operand]
+    if _feeds_in_place_op(segment, add):
+        # the addition made a fresh tensor; without it an in-place activation would overwrite the
+        # unit's input (which the full form may still need, as in training)
+        with segment.graph.inserting_before(add):
+            shortcut = segment.graph.call_method("clone", (shortcut,))
+    add.replace_all_uses_with(shortcut)
     segment.graph.erase_node(add)
     segment.graph.eliminate_dead_code()
     segment.graph.lint()
     segment.recompile()
     return segment
+
+
+def _feeds_in_place_op(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether any user of ``node`` may write into it (``inplace=True`` modules or calls, ``x.op_()``)."""
+    for user in node.users:
+        if user.op == "call_module" and getattr(gm.get_submodule(str(user.target)), "inplace", False):
+            return True
+        if user.op == "call_function" and user.kwargs.get("inplace", False):
+            return True
+        if user.op == "call_method" and str(user.target).endswith("_"):
+            return True
+    return False
 
 
 def full_form(gm: fx.GraphModule, unit: Unit) -> fx.GraphModule:
