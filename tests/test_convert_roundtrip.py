@@ -155,3 +155,13 @@ def test_model_with_fewer_classes_than_the_data_is_refused(tiny_data, tmp_path):
     overrides = {**TINY_CONVERSION, "model__num_classes": 2}
     with pytest.raises(dynconvert.DynconvertError, match="3 classes but the model predicts 2"):
         dynconvert.convert("cifar_resnet20", data=str(tiny_data), **overrides)
+
+
+def test_a_nan_loss_stops_training_with_a_clear_error(tiny_data, tiny_weights, tmp_path):
+    out = tmp_path / "out"
+    overrides = {**TINY_CONVERSION, "train__lr": float("inf")}
+    with pytest.raises(dynconvert.DynconvertError, match="training loss became"):
+        dynconvert.convert(
+            "cifar_resnet20", data=str(tiny_data), out=out, model__weights=str(tiny_weights), **overrides
+        )
+    assert not out.exists()

@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dynconvert.convert.data import ImageSplit, Preprocess, normalize
+from dynconvert.errors import DynconvertError
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def fit_on_cached_features(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
     history = []
-    for _ in tqdm(range(config.epochs), desc=desc, unit="epoch"):
+    for epoch in tqdm(range(config.epochs), desc=desc, unit="epoch"):
         order = torch.randperm(len(labels), generator=generator)
         running = 0.0
         for start in range(0, len(order), config.batch_size):
@@ -89,6 +90,7 @@ def fit_on_cached_features(
                 distillation_loss(clf(f[index]), target, teacher, config.distill_temperature, config.distill_weight)
                 for clf, f in zip(classifiers, features)
             )
+            check_finite(loss, f"exit heads, epoch {epoch + 1}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -96,6 +98,14 @@ def fit_on_cached_features(
             running += loss.item() * len(index)
         history.append(running / len(labels) / max(1, len(classifiers)))
     return history
+
+
+def check_finite(loss: torch.Tensor, where: str) -> None:
+    """Stop with a clear error when the loss is NaN or infinite (nothing is written then)."""
+    if not torch.isfinite(loss):
+        raise DynconvertError(
+            f"the training loss became {loss.item()} ({where}); lower train.lr or check the data, nothing was written"
+        )
 
 
 def freeze(module: nn.Module, trainable: list[str] = ()) -> list[nn.Parameter]:

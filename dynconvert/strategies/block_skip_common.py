@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from dynconvert.convert.calibrate import drop_upper_bound
 from dynconvert.convert.costs import count_flops, node_flops
 from dynconvert.convert.trace import trace
-from dynconvert.convert.train import batches, distillation_loss, freeze, map_batches
+from dynconvert.convert.train import batches, check_finite, distillation_loss, freeze, map_batches
 from dynconvert.errors import DynconvertError
 from dynconvert.passes.residual import find_units, full_form, skipped_form
 from dynconvert.runtime.block_skip import BlockSkipModel
@@ -194,6 +194,7 @@ def train_relaxed(
                     )
                     + cost_weight * (cost - target) ** 2
                 )
+                check_finite(loss, f"gates, epoch {epoch + 1}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -15,7 +15,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from dynconvert.convert.train import batches, distillation_loss, freeze
+from dynconvert.convert.train import batches, check_finite, distillation_loss, freeze
 from dynconvert.errors import DynconvertError
 from dynconvert.runtime.block_skip import BlockSkipModel
 from dynconvert.strategies import block_skip_common as common
@@ -165,6 +165,7 @@ def train_policy(dyn: BlockSkipModel, data, prep, recipe, config) -> list[dict]:
                     continue
                 mask = decided_mask(k, decided, images.device)
                 loss, _, stats = reinforce_step(dyn, images, labels, config, mask)
+                check_finite(loss, f"policy, step {step}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -244,6 +245,7 @@ def finetune_jointly(dyn: BlockSkipModel, data, prep, recipe, config) -> list[di
                         out, labels, teacher[index].to(out.device), cfg.distill_temperature, cfg.distill_weight
                     )
                 loss = policy_loss + task_loss
+                check_finite(loss, "joint fine-tuning")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
