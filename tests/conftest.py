@@ -38,6 +38,16 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SESSION_TMP, ignore_errors=True)
 
 
+# overrides that keep a whole conversion on the tiny data set within a few seconds
+TINY_RUN = dict(
+    model__pretrained=False,
+    model__num_classes=3,
+    train__batch_size=32,
+    data__batch_size=32,
+    evaluate__latency_samples=2,
+)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     """Every test starts from the same random state."""

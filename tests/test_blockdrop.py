@@ -7,6 +7,7 @@ import json
 import pytest
 import timm
 import torch
+from conftest import TINY_RUN
 from torch.testing import assert_close
 
 import dynconvert
@@ -182,13 +183,9 @@ def tiny_conversion(tiny_data, tiny_weights, out, **options):
         data=str(tiny_data),
         out=out,
         model__weights=str(tiny_weights),
-        model__pretrained=False,
-        model__num_classes=3,
         train__epochs=2,
-        train__batch_size=32,
-        data__batch_size=32,
-        evaluate__latency_samples=2,
         options__calibration_offsets=[-2.0, 0.0, 2.0],
+        **TINY_RUN,
         options__curriculum_stage_steps=1,
         **{f"options__{k}": v for k, v in options.items()},
     )

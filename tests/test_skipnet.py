@@ -7,6 +7,7 @@ import json
 import pytest
 import timm
 import torch
+from conftest import TINY_RUN
 from torch.testing import assert_close
 
 import dynconvert
@@ -121,14 +122,10 @@ def test_tiny_conversion_round_trip(gate, tiny_data, tiny_weights, tmp_path):
         data=str(tiny_data),
         out=out,
         model__weights=str(tiny_weights),
-        model__pretrained=False,
-        model__num_classes=3,
         train__epochs=1,
-        train__batch_size=32,
-        data__batch_size=32,
-        evaluate__latency_samples=2,
         options__gate=gate,
         options__calibration_offsets=[-2.0, 0.0, 2.0],
+        **TINY_RUN,
     )
     report = json.loads((out / "report.json").read_text())
     for key in ("blocks_used_mean", "block_execution_rate", "distinct_policies", "blocks_used_histogram"):
