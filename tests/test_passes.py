@@ -67,3 +67,15 @@ def test_vit_blocks_are_cut_points():
     _, gm, example = traced("test_vit", pretrained=False)
     names = [p.name for p in find_cut_points(gm, node_flops(gm, example))]
     assert {"blocks.0", "blocks.1"} <= set(names)
+
+
+def test_exit_heads_read_channels_last_features():
+    from dynconvert.strategies.early_exit import is_channels_last
+
+    assert is_channels_last((8, 8, 96))  # Swin between stages: (H, W, C)
+    assert not is_channels_last((64, 8, 8))  # a CNN: (C, H, W)
+    assert not is_channels_last((197, 192))  # ViT tokens
+    head = ExitHead((8, 8, 96), 10, pool=2, channels_last=True)
+    x = torch.randn(2, 8, 8, 96)
+    expected = torch.nn.functional.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), 2).flatten(1)
+    torch.testing.assert_close(head.features(x), expected)

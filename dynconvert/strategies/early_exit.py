@@ -78,6 +78,12 @@ def choose_points(points: list[CutPoint], config: EarlyExitConfig) -> list[CutPo
     return sorted(chosen.values(), key=lambda p: order[p.node])
 
 
+def is_channels_last(shape: tuple[int, ...]) -> bool:
+    """Whether a per-sample feature of 3 dimensions is laid out (H, W, C), as timm's Swin and
+    other NHWC models hand it between stages: square in its first two dimensions, not its last two."""
+    return len(shape) == 3 and shape[0] == shape[1] and shape[1] != shape[2]
+
+
 @register_strategy
 class EarlyExit(Strategy):
     """Exit heads with confidence thresholds."""
@@ -101,9 +107,15 @@ class EarlyExit(Strategy):
                     f"saved exit points {', '.join(unknown)} are not in the traced model: it changed since saving"
                 )
             chosen = [by_node[n] for n in exit_nodes]
-        channels_last = False
         heads = [
-            ExitHead(p.shape, num_classes, config.head_pool, config.head_hidden, config.token_pooling, channels_last)
+            ExitHead(
+                p.shape,
+                num_classes,
+                config.head_pool,
+                config.head_hidden,
+                config.token_pooling,
+                is_channels_last(p.shape),
+            )
             for p in chosen
         ]
         gm = insert_exit_heads(gm, [p.node for p in chosen], heads)
