@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
 from torch import fx
 
 
@@ -26,16 +25,10 @@ class CutPoint:
     shape: tuple[int, ...]
     flops_before: float = 0.0
     flops_fraction: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.modules[0] if self.modules else self.node
-
-
-def _module_path(node: fx.Node) -> list[str]:
-    stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.keys()) if isinstance(stack, dict) else []
 
 
 def _scopes(node: fx.Node) -> list[str]:
@@ -107,8 +100,3 @@ def find_cut_points(
             )
         )
     return points if keep_last else [p for p in points if p.flops_fraction < 0.999]
-
-
-def example_input(gm_or_cfg_input_size: tuple[int, ...], batch: int = 2) -> torch.Tensor:
-    """A random input of the model's configured size, ``(batch, C, H, W)``."""
-    return torch.randn(batch, *gm_or_cfg_input_size)
