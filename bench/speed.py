@@ -93,9 +93,9 @@ def plot(results: list[dict], path: Path, batch: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [r["strategy"] for r in results]
+    labels = [Path(r["model_dir"]).name.replace(f"-{r['model']}", "\n") for r in results]
     xs = range(len(results))
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(results), 4.2), dpi=120)
     width = 0.26
     ax.bar([i - width for i in xs], [r["flops_ratio"] for r in results], width, label="FLOPs ratio")
     ax.bar(list(xs), [r["batch1"]["time_ratio"] for r in results], width, label="time ratio, batch 1")
@@ -106,7 +106,7 @@ def plot(results: list[dict], path: Path, batch: int) -> None:
         label=f"time ratio, batch {batch}",
     )
     ax.axhline(1.0, color="black", lw=0.8)
-    ax.set_xticks(list(xs), labels)
+    ax.set_xticks(list(xs), labels, fontsize=7)
     ax.set_ylabel("dynamic / static")
     ax.set_title("cifar_resnet56 on this CPU: FLOPs and wall-clock ratios", fontsize=10)
     ax.legend(fontsize=8)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from common import RESULTS
 
@@ -47,14 +48,14 @@ def block_skip(data: dict) -> str:
 
 def speed(data: dict) -> str:
     rows = [
-        "| strategy | FLOPs ratio | time ratio, batch 1 | "
+        "| model folder | FLOPs ratio | time ratio, batch 1 | "
         "time/FLOPs, batch 1 | time ratio, batch 64 | time/FLOPs, batch 64 | static ms (batch 1 / 64) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in data["results"]:
         b1, b64 = r["batch1"], r["batch64"]
         rows.append(
-            f"| {r['strategy']} | {r['flops_ratio']:.3f} | {b1['time_ratio']:.3f} | "
+            f"| {Path(r['model_dir']).name} | {r['flops_ratio']:.3f} | {b1['time_ratio']:.3f} | "
             f"{b1['time_ratio_over_flops_ratio']:.2f} | {b64['time_ratio']:.3f} | "
             f"{b64['time_ratio_over_flops_ratio']:.2f} | {b1['static_ms']:.2f} / {b64['static_ms']:.1f} |"
         )
