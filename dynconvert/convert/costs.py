@@ -21,7 +21,8 @@ FLOPS_DEFINITION = (
 @contextmanager
 def _parameters_without_grad(module):
     """FlopCounterMode fails on views of parameters that require grad (attention-pool latents)."""
-    params = [p for p in module.parameters() if p.requires_grad] if isinstance(module, nn.Module) else []
+    owner = module if isinstance(module, nn.Module) else getattr(module, "__self__", None)  # bound methods too
+    params = [p for p in owner.parameters() if p.requires_grad] if isinstance(owner, nn.Module) else []
     for p in params:
         p.requires_grad_(False)
     try:
