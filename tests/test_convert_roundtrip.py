@@ -165,3 +165,14 @@ def test_a_nan_loss_stops_training_with_a_clear_error(tiny_data, tiny_weights, t
             "cifar_resnet20", data=str(tiny_data), out=out, model__weights=str(tiny_weights), **overrides
         )
     assert not out.exists()
+
+
+def test_same_recipe_seed_and_data_give_the_same_report(tiny_data, tiny_weights):
+    reports = []
+    for _ in range(2):
+        dyn = dynconvert.convert(
+            "cifar_resnet20", data=str(tiny_data), model__weights=str(tiny_weights), **TINY_CONVERSION
+        )
+        report = {k: v for k, v in dyn.report.items() if k not in ("seconds", "latency")}
+        reports.append(json.dumps(report, sort_keys=True, default=str))
+    assert reports[0] == reports[1]
