@@ -30,15 +30,23 @@ def batches(split: ImageSplit, prep: Preprocess, batch_size: int, device: str, o
 def map_batches(
     fn: Callable, split: ImageSplit, prep: Preprocess, batch_size: int, device: str, desc: str
 ) -> list[torch.Tensor]:
-    """Apply ``fn(images) -> tensor or list of tensors`` to all of ``split``; concatenate on the CPU."""
+    """Apply ``fn`` to all of ``split``; concatenate each output on the CPU.
+
+    ``fn(images)`` returns a tensor, or a sequence whose items are tensors or sequences of
+    tensors (``(final, [exit_0, ...])``); the result lists every tensor in that order.
+    """
     outputs: list[list[torch.Tensor]] = []
     with tqdm(total=len(split), desc=desc, unit="img", mininterval=1.0) as bar:
         for images, _, _ in batches(split, prep, batch_size, device):
-            out = fn(images)
-            out = list(out) if isinstance(out, (list, tuple)) else [out]
-            outputs.append([o.float().cpu() for o in out])
+            outputs.append([o.float().cpu() for o in _flat(fn(images))])
             bar.update(len(images))
     return [torch.cat(parts) for parts in zip(*outputs)]
+
+
+def _flat(out) -> list[torch.Tensor]:
+    if not isinstance(out, (list, tuple)):
+        return [out]
+    return [t for item in out for t in (item if isinstance(item, (list, tuple)) else [item])]
 
 
 def distillation_loss(

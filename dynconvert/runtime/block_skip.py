@@ -84,9 +84,12 @@ class BlockSkipModel(nn.Module):
         )
 
     def sample_flops(self, kept: torch.Tensor) -> torch.Tensor:
-        """FLOPs per sample given which blocks ran (controller included)."""
-        base = self.static_flops() + self.controller_flops - float(self.block_savings().sum())
-        return base + kept.double().cpu() @ self.block_savings()
+        """FLOPs per sample (controller included) given which blocks ran, ``(batch, blocks)`` bool,
+        or expected FLOPs given keep probabilities (float, differentiable)."""
+        dtype = kept.dtype if kept.is_floating_point() else torch.float64
+        savings = self.block_savings().to(device=kept.device, dtype=dtype)
+        base = self.static_flops() + self.controller_flops - float(savings.sum())
+        return base + kept.to(dtype) @ savings
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         decisions = self.route(x)
@@ -157,7 +160,7 @@ class BlockSkipModel(nn.Module):
                 logit = logit + torch.log(u) - torch.log1p(-u)
             p = torch.sigmoid(logit)
             gate = (p >= 0.5).to(p.dtype) + p - p.detach()
-            probs.append(torch.sigmoid(logit))
+            probs.append(p)
             index += 1
             skip_out = skipped(h)
             h = skip_out + gate.view((-1,) + (1,) * (skip_out.dim() - 1)) * (unit(h) - skip_out)

@@ -70,9 +70,7 @@ def build_block_skip_model(gm, units, example, make_controller) -> BlockSkipMode
 
 def expected_flops_ratio(dyn: BlockSkipModel, probs: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of the expected FLOPs ratio under keep probabilities ``probs``."""
-    savings = dyn.block_savings().to(probs.dtype).to(probs.device)
-    base = dyn.static_flops() + dyn.controller_flops - float(savings.sum())
-    return ((base + probs @ savings) / dyn.static_flops()).mean()
+    return (dyn.sample_flops(probs) / dyn.static_flops()).mean()
 
 
 def teacher_logits(dyn: BlockSkipModel, split, prep, recipe) -> torch.Tensor:

@@ -146,7 +146,7 @@ class EarlyExit(Strategy):
             )
         freeze(dyn.segments)
         teacher, *features = map_batches(
-            lambda x: _flatten(dyn.exit_features(x)),
+            dyn.exit_features,
             data.fit,
             prep,
             recipe.data.batch_size,
@@ -177,7 +177,7 @@ class EarlyExit(Strategy):
         if not sweep or not hasattr(dyn, "forward_all"):
             return []
         final, *exit_logits = map_batches(
-            dyn.forward_all_flat, split, prep, recipe.data.batch_size, recipe.device, "sweep on evaluation"
+            dyn.forward_all, split, prep, recipe.data.batch_size, recipe.device, "sweep on evaluation"
         )
         temperatures = dyn.dyn.temperatures.cpu().tolist()
         conf = exit_confidences(exit_logits, temperatures, recipe.calibrate.criterion)
@@ -192,16 +192,11 @@ class EarlyExit(Strategy):
         return points
 
 
-def _flatten(result):
-    final, feats = result
-    return [final, *feats]
-
-
 def calibrate_exits(dyn: EarlyExitModel, split, prep, recipe) -> dict:
     """Fit per-exit temperatures and thresholds on ``split``; set them on ``dyn``; return the sweep."""
     cal = recipe.calibrate
     final, *exit_logits = map_batches(
-        dyn.forward_all_flat, split, prep, recipe.data.batch_size, recipe.device, "calibration"
+        dyn.forward_all, split, prep, recipe.data.batch_size, recipe.device, "calibration"
     )
     labels = split.labels
     reference = final.argmax(1) if cal.reference == "agreement" else labels
