@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", help="output folder (default: ./dynconvert-out/MODEL-STRATEGY)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted conversion to --out from its last checkpoint (OUT.resume/)",
+    )
     parser.add_argument("--device", help="cpu or cuda")
     parser.add_argument("--seed", type=int, help="random seed")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -58,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                 overrides.insert(0, f"{key}={value}")
         recipe = build_recipe(args.recipe, args.model, args.strategy, overrides)
         out = Path(args.out) if args.out else default_output(recipe)
-        dyn = convert_recipe(recipe, out=out, force=args.force)
+        dyn = convert_recipe(recipe, out=out, force=args.force, resume=args.resume)
     except DynconvertError as exc:
         if args.debug:
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import random
 import shutil
@@ -14,11 +15,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from dynconvert.convert import distributed
 from dynconvert.convert.build import build_model, file_sha256
+from dynconvert.convert.checkpoint import CHECKPOINT, Checkpointer, work_folder
 from dynconvert.convert.data import Preprocess, load_conversion_data
 from dynconvert.convert.evaluate import evaluate_dynamic, evaluate_static, measure_latency
 from dynconvert.convert.report import build_report, plot_report, write_json_atomic
 from dynconvert.convert.save import save_dynamic, versions
+from dynconvert.convert.train import NonFiniteLoss
 from dynconvert.errors import DynconvertError
 from dynconvert.recipe import Recipe, build_recipe, strategy_config
 from dynconvert.strategies import get_strategy
@@ -48,14 +52,34 @@ def default_output(recipe: Recipe) -> Path:
     return Path("dynconvert-out") / f"{recipe.model.name}-{recipe.strategy}"
 
 
-def convert_recipe(recipe: Recipe, model: nn.Module | None = None, out: str | Path | None = None, force: bool = False):
+def convert_recipe(
+    recipe: Recipe,
+    model: nn.Module | None = None,
+    out: str | Path | None = None,
+    force: bool = False,
+    resume: bool = False,
+):
     """Run one conversion as ``recipe`` describes; return the dynamic model (with ``.report``).
 
     ``model`` replaces building ``recipe.model.name`` with timm (for a user's own module).
-    When ``out`` is given the recipe, model, report.json and report.png are written there.
+    When ``out`` is given the recipe, model, report.json and report.png are written there, and
+    training checkpoints into ``OUT.resume/`` until then; ``resume`` continues from the last
+    checkpoint there (a run that stopped on a signal, an error or a crash), or starts afresh
+    when there is none. Under torchrun (``WORLD_SIZE`` > 1) training is shared by the ranks
+    and rank 0 writes.
     """
+    created_group = distributed.init_from_env(recipe.device)
+    try:
+        return _convert(recipe, model, out, force, resume)
+    finally:
+        distributed.shutdown(created_group)
+
+
+def _convert(recipe: Recipe, model: nn.Module | None, out, force: bool, resume: bool):
     started = time.perf_counter()
-    out_dir = check_output(out, force)
+    recipe_sha256 = hashlib.sha256(recipe.to_yaml().encode()).hexdigest()
+    checkpointer = open_checkpointer(out, force, resume, recipe_sha256)
+    out_dir = None if out is None else Path(out)
     seed_everything(recipe.seed)
     strategy = get_strategy(recipe.strategy)
     config = strategy_config(recipe, strategy)
@@ -80,7 +104,7 @@ def convert_recipe(recipe: Recipe, model: nn.Module | None = None, out: str | Pa
         "weights_sha256": file_sha256(recipe.model.weights) if recipe.model.weights else None,
         "num_classes": num_classes,
     }
-    fitted = strategy.fit(dyn, data, prep, recipe, config)
+    fitted = _fit(strategy, dyn, data, prep, recipe, config, checkpointer)
     static = evaluate_static(model, data.evaluation, prep, recipe.data.batch_size, recipe.device)
     dynamic = evaluate_dynamic(dyn, data.evaluation, prep, recipe.data.batch_size, recipe.device)
     latency = measure_latency(model, dyn, data.evaluation, prep, recipe.evaluate.latency_samples, recipe.device)
@@ -101,15 +125,47 @@ def convert_recipe(recipe: Recipe, model: nn.Module | None = None, out: str | Pa
         "latency": latency,
         "sweep_on_evaluation": strategy.sweep_on_split(dyn, data.evaluation, prep, recipe, fitted.get("sweep", [])),
         "versions": versions(),
-        "recipe_sha256": hashlib.sha256(recipe.to_yaml().encode()).hexdigest(),
+        "recipe_sha256": recipe_sha256,
         "base": dyn.base_info,
         "seconds": time.perf_counter() - started,
     }
     report = build_report(static, dynamic, dyn.static_flops(), splits, extra)
     dyn.report = report
     if out_dir is not None:
-        write_outputs(dyn, report, out_dir)
+        if distributed.is_main():
+            write_outputs(dyn, report, out_dir)
+        checkpointer.discard()
     return dyn
+
+
+def open_checkpointer(out: str | Path | None, force: bool, resume: bool, recipe_sha256: str) -> Checkpointer:
+    """The checkpointer of a conversion writing to ``out``, after checking the output folder.
+
+    Resuming from a checkpoint needs no ``force``: the run that wrote it was allowed to
+    replace the output. A corrupt checkpoint or one of another recipe stops here, before
+    anything is touched. Without ``resume`` what an earlier run left is removed.
+    """
+    if out is None:
+        if resume:
+            raise DynconvertError("resuming needs the output folder of the interrupted run (--out)")
+        return Checkpointer.disabled()
+    folder = work_folder(Path(out))
+    if not (resume and (folder / CHECKPOINT).is_file()):
+        check_output(out, force)
+    checkpointer = Checkpointer(folder, recipe_sha256, resume=resume)
+    if not resume:
+        checkpointer.start_fresh()
+    return checkpointer
+
+
+def _fit(strategy, dyn, data, prep, recipe: Recipe, config, checkpointer: Checkpointer) -> dict:
+    """``strategy.fit``, with checkpoints for strategies whose ``fit`` takes a checkpointer."""
+    kwargs = {"checkpointer": checkpointer} if "checkpointer" in inspect.signature(strategy.fit).parameters else {}
+    try:
+        with checkpointer.catch_signals():
+            return strategy.fit(dyn, data, prep, recipe, config, **kwargs)
+    except NonFiniteLoss as exc:
+        raise DynconvertError(f"{exc}; {checkpointer.describe()}") from None
 
 
 def write_outputs(dyn, report: dict, out_dir: Path) -> None:
@@ -188,6 +244,7 @@ def convert(
     recipe: str | None = None,
     out: str | Path | None = None,
     force: bool = False,
+    resume: bool = False,
     **overrides: Any,
 ):
     """Convert a static network into a dynamic one.
@@ -199,6 +256,8 @@ def convert(
         data: a local folder ``datasets.load_dataset`` understands, or a hub name.
         recipe: a built-in recipe name or a YAML file; defaults to the model family's one.
         out: where to write recipe.yaml, model/, report.json and report.png (nothing if None).
+        force: replace a non-empty ``out``.
+        resume: continue an interrupted conversion to ``out`` from its last checkpoint.
         overrides: recipe fields, as sections (``train={"epochs": 3}``) or dotted names
             written with double underscores (``train__epochs=3``).
 
@@ -218,7 +277,7 @@ def convert(
     if data is not None:
         flat["data.path"] = data
     resolved = build_recipe(recipe, name, strategy, flat)
-    return convert_recipe(resolved, None if isinstance(model, str) else model, out, force)
+    return convert_recipe(resolved, None if isinstance(model, str) else model, out, force, resume)
 
 
 def _flatten_dict(d: dict, prefix: str = "") -> dict:

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from dynconvert.convert import distributed
+from dynconvert.convert.checkpoint import Checkpointer
 from dynconvert.convert.data import ImageSplit, Preprocess, normalize
 from dynconvert.errors import DynconvertError
 
@@ -26,21 +28,35 @@ def batches(split: ImageSplit, prep: Preprocess, batch_size: int, device: str, o
         yield images, split.labels[index].to(device), index
 
 
+def train_batches(
+    split: ImageSplit, prep: Preprocess, batch_size: int, device: str, order: torch.Tensor, skip: int = 0
+) -> Iterator:
+    """Yield ``(images, labels, index, global batch size)``: this rank's share of each global
+    batch of ``split`` in ``order`` (all of it in a single process), from batch ``skip`` on."""
+    for start in range(skip * batch_size, len(order), batch_size):
+        index = distributed.shard(order[start : start + batch_size])
+        images = normalize(split.images[index].to(device, non_blocking=True), prep)
+        yield images, split.labels[index].to(device), index, len(order[start : start + batch_size])
+
+
 @torch.no_grad()
 def map_batches(
-    fn: Callable, split: ImageSplit, prep: Preprocess, batch_size: int, device: str, desc: str
+    fn: Callable, split: ImageSplit, prep: Preprocess, batch_size: int, device: str, desc: str, shard: bool = False
 ) -> list[torch.Tensor]:
     """Apply ``fn`` to all of ``split``; concatenate each output on the CPU.
 
     ``fn(images)`` returns a tensor, or a sequence whose items are tensors or sequences of
     tensors (``(final, [exit_0, ...])``); the result lists every tensor in that order.
+    ``shard``: under torchrun each rank computes its part and every rank gets the whole.
     """
+    rows = distributed.my_rows(len(split)) if shard else torch.arange(len(split))
     outputs: list[list[torch.Tensor]] = []
-    with tqdm(total=len(split), desc=desc, unit="img", mininterval=1.0) as bar:
-        for images, _, _ in batches(split, prep, batch_size, device):
+    with tqdm(total=len(rows), desc=desc, unit="img", mininterval=1.0) as bar:
+        for images, _, _ in batches(split, prep, batch_size, device, rows):
             outputs.append([o.float().cpu() for o in _flat(fn(images))])
             bar.update(len(images))
-    return [torch.cat(parts) for parts in zip(*outputs)]
+    parts = [torch.cat(parts) for parts in zip(*outputs)]
+    return distributed.gather_rows(parts, len(split)) if shard else parts
 
 
 def _flat(out) -> list[torch.Tensor]:
@@ -74,12 +90,16 @@ def fit_on_cached_features(
     config,
     seed: int,
     desc: str = "train exits",
+    module: nn.Module | None = None,
+    checkpointer: Checkpointer | None = None,
 ) -> list[float]:
     """Train several classifiers on cached features at once, with self-distillation.
 
     ``classifiers[k]`` maps ``features[k]`` to logits. Adam with a cosine schedule; returns
-    the mean loss of each epoch.
+    the mean loss of each epoch. ``module`` holds the classifiers (its state is what
+    ``checkpointer`` saves at every epoch end and restores when resuming).
     """
+    checkpointer = checkpointer or Checkpointer.disabled()
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(labels) / config.batch_size)
@@ -87,33 +107,45 @@ def fit_on_cached_features(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
-    history = []
-    for epoch in tqdm(range(config.epochs), desc=desc, unit="epoch"):
-        order = torch.randperm(len(labels), generator=generator)
-        running = 0.0
-        for start in range(0, len(order), config.batch_size):
-            index = order[start : start + config.batch_size]
-            target, teacher = labels[index], teacher_logits[index]
-            loss = sum(
-                distillation_loss(clf(f[index]), target, teacher, config.distill_temperature, config.distill_weight)
-                for clf, f in zip(classifiers, features)
-            )
+    module = module if module is not None else nn.ParameterList(parameters)
+    progress = checkpointer.begin("exit heads", config.epochs, module, optimizer, scheduler, generator)
+
+    def step(index):
+        target, teacher = labels[index], teacher_logits[index]
+        return sum(
+            distillation_loss(clf(f[index]), target, teacher, config.distill_temperature, config.distill_weight)
+            for clf, f in zip(classifiers, features)
+        )
+
+    step = distributed.wrap_step(parameters, step)
+    for epoch in tqdm(range(progress.epoch, config.epochs), desc=desc, unit="epoch"):
+        order = progress.epoch_order(lambda: torch.randperm(len(labels), generator=generator))
+        for start in range(progress.batch * config.batch_size, len(order), config.batch_size):
+            index = distributed.shard(order[start : start + config.batch_size])
+            n_global = len(order[start : start + config.batch_size])
+            loss = step(index)
             check_finite(loss, f"exit heads, epoch {epoch + 1}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            distributed.scale_loss(loss, len(index), n_global).backward()
             optimizer.step()
             scheduler.step()
-            running += loss.item() * len(index)
-        history.append(running / len(labels) / max(1, len(classifiers)))
-    return history
+            progress.add({"loss": loss.item() * len(index)})
+            progress.batch += 1
+            checkpointer.after_step(progress)
+        running = distributed.sum_over_ranks(progress.totals).get("loss", 0.0)
+        progress.end_epoch(running / len(labels) / max(1, len(classifiers)))
+        checkpointer.end_epoch(progress)
+    return progress.history
+
+
+class NonFiniteLoss(DynconvertError):
+    """The training loss became NaN or infinite."""
 
 
 def check_finite(loss: torch.Tensor, where: str) -> None:
-    """Stop with a clear error when the loss is NaN or infinite (nothing is written then)."""
+    """Stop with a clear error when the loss is NaN or infinite (the pipeline says what was kept)."""
     if not torch.isfinite(loss):
-        raise DynconvertError(
-            f"the training loss became {loss.item()} ({where}); lower train.lr or check the data, nothing was written"
-        )
+        raise NonFiniteLoss(f"the training loss became {loss.item()} ({where}); lower train.lr or check the data")
 
 
 def freeze(module: nn.Module, trainable: list[str] = ()) -> list[nn.Parameter]:

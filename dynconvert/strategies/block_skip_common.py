@@ -8,11 +8,14 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from dynconvert.convert import distributed
 from dynconvert.convert.calibrate import drop_upper_bound
+from dynconvert.convert.checkpoint import Checkpointer
 from dynconvert.convert.costs import count_flops, node_flops
 from dynconvert.convert.trace import trace
-from dynconvert.convert.train import batches, check_finite, distillation_loss, freeze, map_batches
+from dynconvert.convert.train import batches, check_finite, distillation_loss, freeze, map_batches, train_batches
 from dynconvert.errors import DynconvertError
+from dynconvert.passes.analysis import single_live_nodes
 from dynconvert.passes.residual import find_units, full_form, skipped_form
 from dynconvert.runtime.block_skip import BlockSkipModel
 
@@ -34,8 +37,34 @@ def plan_units(model, recipe, example, exclude: list[str], replay: list[str] | N
         if unit.droppable and unit.name not in keep:
             unit.add_node = None
     if not any(u.droppable for u in units):
-        raise DynconvertError("found no residual block (shortcut(x) + residual(x)) to skip in this network")
+        raise DynconvertError(
+            f"found no residual block (shortcut(x) + residual(x)) to skip in this network{_why_no_units(gm)}"
+        )
     return gm, units
+
+
+def _why_no_units(gm) -> str:
+    """What hid the blocks from the analysis, when the graph shows it."""
+    cuts = [
+        n
+        for n in single_live_nodes(gm.graph)
+        if n.op != "placeholder" and len(getattr(n.meta.get("tensor_meta"), "shape", ())) >= 3
+    ]
+    if len(cuts) <= 1:
+        return (
+            ": the traced graph has no point where a single tensor is alive (a value taken from the "
+            "input, such as the batch size, stays alive throughout), so it cannot be cut into blocks"
+        )
+    opaque = sorted(
+        {
+            type(gm.get_submodule(n.target)).__name__
+            for n in gm.graph.nodes
+            if n.op == "call_module" and any(True for _ in gm.get_submodule(n.target).children())
+        }
+    )
+    if opaque:
+        return f": blocks may hide inside modules traced as leaves ({', '.join(opaque)}), unseen by the graph"
+    return ""
 
 
 def build_block_skip_model(gm, units, example, make_controller) -> BlockSkipModel:
@@ -73,9 +102,23 @@ def expected_flops_ratio(dyn: BlockSkipModel, probs: torch.Tensor) -> torch.Tens
     return (dyn.sample_flops(probs) / dyn.static_flops()).mean()
 
 
-def teacher_logits(dyn: BlockSkipModel, split, prep, recipe) -> torch.Tensor:
-    """The original network's logits on ``split``, computed once."""
-    (logits,) = map_batches(dyn.forward_static, split, prep, recipe.data.batch_size, recipe.device, "teacher logits")
+def teacher_logits(dyn: BlockSkipModel, split, prep, recipe, checkpointer: Checkpointer | None = None) -> torch.Tensor:
+    """The original network's logits on ``split``, computed once.
+
+    With a ``checkpointer`` (the fit split, for training) the ranks of a torchrun share the
+    work and the result is kept in the work folder for a resumed run.
+    """
+    if checkpointer is None:
+        (logits,) = map_batches(
+            dyn.forward_static, split, prep, recipe.data.batch_size, recipe.device, "teacher logits"
+        )
+        return logits
+    (logits,) = checkpointer.cached(
+        "teacher-logits",
+        lambda: map_batches(
+            dyn.forward_static, split, prep, recipe.data.batch_size, recipe.device, "teacher logits", shard=True
+        ),
+    )
     return logits
 
 
@@ -159,16 +202,25 @@ def sweep_points_on_split(dyn, split, prep, recipe, sweep: list[dict], points: i
 
 
 def train_relaxed(
-    dyn: BlockSkipModel, data, prep, recipe, target: float, cost_weight: float, tune: list[str]
+    dyn: BlockSkipModel,
+    data,
+    prep,
+    recipe,
+    target: float,
+    cost_weight: float,
+    tune: list[str],
+    checkpointer: Checkpointer | None = None,
 ) -> list[dict]:
     """Relaxed training: hard decisions forward, straight-through gradients, Gumbel noise.
 
     Loss: cross-entropy + self-distillation from the static network + ``cost_weight`` times
-    the squared distance of the expected FLOPs ratio to ``target``.
+    the squared distance of the expected FLOPs ratio to ``target``. ``checkpointer`` saves
+    the training state at every epoch end and restores it when resuming.
     """
     cfg = recipe.train
+    checkpointer = checkpointer or Checkpointer.disabled()
     backbone_params = freeze(dyn.units, tune) + freeze(dyn.skipped_units, tune)
-    teacher = teacher_logits(dyn, data.fit, prep, recipe)
+    teacher = teacher_logits(dyn, data.fit, prep, recipe, checkpointer)
     controller = dyn.dyn.controller
     controller.train()
     groups = [{"params": list(controller.parameters()), "lr": cfg.lr}]
@@ -178,37 +230,50 @@ def train_relaxed(
     steps = max(1, cfg.epochs * math.ceil(len(data.fit) / cfg.batch_size))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     generator = torch.Generator().manual_seed(recipe.seed)
-    history = []
-    with tqdm(total=steps, desc="train gates", unit="step") as bar:
-        for epoch in range(cfg.epochs):
-            order = torch.randperm(len(data.fit), generator=generator)
-            totals = {"loss": 0.0, "flops_ratio": 0.0, "n": 0}
-            for images, labels, index in batches(data.fit, prep, cfg.batch_size, recipe.device, order):
-                logits, probs = dyn.forward_relaxed(images)
-                cost = expected_flops_ratio(dyn, probs)
-                loss = (
-                    distillation_loss(
-                        logits, labels, teacher[index].to(recipe.device), cfg.distill_temperature, cfg.distill_weight
-                    )
-                    + cost_weight * (cost - target) ** 2
-                )
+    progress = checkpointer.begin("gates", cfg.epochs, dyn, optimizer, scheduler, generator)
+
+    def step(images, labels, index):
+        logits, probs = dyn.forward_relaxed(images)
+        cost = expected_flops_ratio(dyn, probs)
+        loss = (
+            distillation_loss(
+                logits, labels, teacher[index].to(recipe.device), cfg.distill_temperature, cfg.distill_weight
+            )
+            + cost_weight * (cost - target) ** 2
+        )
+        return loss, cost
+
+    step = distributed.wrap_step([p for g in groups for p in g["params"]], step, find_unused=bool(backbone_params))
+    with tqdm(total=steps, initial=progress.step, desc="train gates", unit="step") as bar:
+        for epoch in range(progress.epoch, cfg.epochs):
+            order = progress.epoch_order(lambda: torch.randperm(len(data.fit), generator=generator))
+            for images, labels, index, n_global in train_batches(
+                data.fit, prep, cfg.batch_size, recipe.device, order, progress.batch
+            ):
+                loss, cost = step(images, labels, index)
                 check_finite(loss, f"gates, epoch {epoch + 1}")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                distributed.scale_loss(loss, len(labels), n_global).backward()
                 optimizer.step()
                 scheduler.step()
-                totals["loss"] += loss.item() * len(labels)
-                totals["flops_ratio"] += cost.item() * len(labels)
-                totals["n"] += len(labels)
+                progress.add(
+                    {"loss": loss.item() * len(labels), "flops_ratio": cost.item() * len(labels), "n": len(labels)}
+                )
+                progress.batch += 1
+                progress.step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}", flops=f"{cost.item():.2f}")
-            history.append(
+                checkpointer.after_step(progress)
+            totals = distributed.sum_over_ranks(progress.totals)
+            progress.end_epoch(
                 {
                     "epoch": epoch,
                     "loss": totals["loss"] / totals["n"],
                     "flops_ratio": totals["flops_ratio"] / totals["n"],
                 }
             )
+            checkpointer.end_epoch(progress)
+    distributed.broadcast_buffers(controller)
     controller.eval()
     dyn.eval()
-    return history
+    return progress.history

@@ -102,13 +102,13 @@ class BlockDrop(Strategy):
         return dyn
 
     @staticmethod
-    def fit(dyn, data, prep, recipe, config: BlockDropConfig) -> dict:
-        history = train_policy(dyn, data, prep, recipe, config)
+    def fit(dyn, data, prep, recipe, config: BlockDropConfig, checkpointer=None) -> dict:
+        history = train_policy(dyn, data, prep, recipe, config, checkpointer)
         static_logits = None
         if config.finetune_epochs > 0:
             # the budget is measured against the original network, which fine-tuning changes
             static_logits = common.teacher_logits(dyn, data.calibration, prep, recipe)
-            history += finetune_jointly(dyn, data, prep, recipe, config)
+            history += finetune_jointly(dyn, data, prep, recipe, config, checkpointer)
         calibration = common.calibrate_bias(
             dyn, data.calibration, prep, recipe, config.calibration_offsets, static_logits
         )

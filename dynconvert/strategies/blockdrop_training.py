@@ -15,7 +15,9 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from dynconvert.convert.train import batches, check_finite, distillation_loss, freeze
+from dynconvert.convert import distributed
+from dynconvert.convert.checkpoint import Checkpointer
+from dynconvert.convert.train import check_finite, distillation_loss, freeze, train_batches
 from dynconvert.errors import DynconvertError
 from dynconvert.runtime.block_skip import BlockSkipModel
 from dynconvert.strategies import block_skip_common as common
@@ -114,30 +116,29 @@ def reinforce_step(
     return loss, out, stats
 
 
-class _Totals:
-    """Sample-weighted running means of a few statistics, for one epoch."""
-
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.n = 0
-
-    def add(self, stats: dict, n: int) -> None:
-        for key, value in stats.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value * n
-        self.n += n
-
-    def means(self) -> dict:
-        return {k: v / max(1, self.n) for k, v in self.sums.items()}
+def _weighted(stats: dict, n: int) -> dict:
+    """Statistics of a batch of ``n`` samples as sums, plus the count under ``"n"``."""
+    return {**{k: v * n for k, v in stats.items()}, "n": n}
 
 
-def train_policy(dyn: BlockSkipModel, data, prep, recipe, config) -> list[dict]:
+def _means(sums: dict) -> dict:
+    """Sample-weighted means from the sums of :func:`_weighted`."""
+    n = sums.get("n", 0)
+    return {k: v / max(1, n) for k, v in sums.items() if k != "n"}
+
+
+def train_policy(
+    dyn: BlockSkipModel, data, prep, recipe, config, checkpointer: Checkpointer | None = None
+) -> list[dict]:
     """Curriculum policy learning, backbone frozen: at stage t only the last blocks of
     ``curriculum_schedule`` are decided by the policy, the earlier ones kept.
 
     Adam at ``train.lr`` (constant, as in the paper) for ``train.epochs`` epochs of
-    ``train.batch_size``; returns one record per epoch.
+    ``train.batch_size``; returns one record per epoch. ``checkpointer`` saves the state
+    (curriculum position included) at every epoch end and restores it when resuming.
     """
     cfg = recipe.train
+    checkpointer = checkpointer or Checkpointer.disabled()
     freeze(dyn.units)
     freeze(dyn.skipped_units)
     steps_per_epoch = math.ceil(len(data.fit) / cfg.batch_size)
@@ -152,29 +153,42 @@ def train_policy(dyn: BlockSkipModel, data, prep, recipe, config) -> list[dict]:
     controller.train()
     optimizer = torch.optim.Adam(controller.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(recipe.seed)
-    history, step = [], 0
-    with tqdm(total=total, desc="train policy", unit="step") as bar:
-        for epoch in range(cfg.epochs):
-            order = torch.randperm(len(data.fit), generator=generator)
-            totals = _Totals()
-            for images, labels, _ in batches(data.fit, prep, cfg.batch_size, recipe.device, order):
-                decided = schedule[min(step // stage_steps, len(schedule) - 1)]
-                step += 1
+    progress = checkpointer.begin("policy", cfg.epochs, dyn, optimizer, None, generator)
+    step_fn = distributed.wrap_step(
+        list(controller.parameters()),
+        lambda images, labels, mask: reinforce_step(dyn, images, labels, config, mask),
+    )
+    with tqdm(total=total, initial=progress.step, desc="train policy", unit="step") as bar:
+        for epoch in range(progress.epoch, cfg.epochs):
+            order = progress.epoch_order(lambda: torch.randperm(len(data.fit), generator=generator))
+            for images, labels, _, n_global in train_batches(
+                data.fit, prep, cfg.batch_size, recipe.device, order, progress.batch
+            ):
+                decided = schedule[min(progress.step // stage_steps, len(schedule) - 1)]
+                progress.step += 1
+                progress.batch += 1
                 bar.update(1)
-                if len(labels) < 2:  # BatchNorm in the policy needs two samples
-                    continue
-                mask = decided_mask(k, decided, images.device)
-                loss, _, stats = reinforce_step(dyn, images, labels, config, mask)
-                check_finite(loss, f"policy, step {step}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                totals.add({"loss": loss.item(), **stats}, len(labels))
-                bar.set_postfix(reward=f"{stats['reward']:.3f}", flops=f"{stats['flops_ratio']:.2f}", decided=decided)
-            history.append({"phase": "curriculum", "epoch": epoch, "decided_blocks": decided, **totals.means()})
+                # BatchNorm in the policy needs two samples (on every rank, which step together)
+                if distributed.smallest_shard(n_global) >= 2:
+                    mask = decided_mask(k, decided, images.device)
+                    loss, _, stats = step_fn(images, labels, mask)
+                    check_finite(loss, f"policy, step {progress.step}")
+                    optimizer.zero_grad(set_to_none=True)
+                    distributed.scale_loss(loss, len(labels), n_global).backward()
+                    optimizer.step()
+                    progress.add(_weighted({"loss": loss.item(), **stats}, len(labels)))
+                    bar.set_postfix(
+                        reward=f"{stats['reward']:.3f}", flops=f"{stats['flops_ratio']:.2f}", decided=decided
+                    )
+                checkpointer.after_step(progress)
+            decided = schedule[min((progress.step - 1) // stage_steps, len(schedule) - 1)]
+            record = {"phase": "curriculum", "epoch": epoch, "decided_blocks": decided}
+            progress.end_epoch({**record, **_means(distributed.sum_over_ranks(progress.totals))})
+            checkpointer.end_epoch(progress)
+    distributed.broadcast_buffers(controller)
     controller.eval()
     dyn.eval()
-    return history
+    return progress.history
 
 
 def tunable_units(dyn: BlockSkipModel, prefixes: list[str]) -> list[int]:
@@ -192,16 +206,20 @@ def tunable_units(dyn: BlockSkipModel, prefixes: list[str]) -> list[int]:
     return sorted(set(found))
 
 
-def finetune_jointly(dyn: BlockSkipModel, data, prep, recipe, config) -> list[dict]:
+def finetune_jointly(
+    dyn: BlockSkipModel, data, prep, recipe, config, checkpointer: Checkpointer | None = None
+) -> list[dict]:
     """Joint fine-tuning: the policy keeps learning by REINFORCE (every block decided) while
     the backbone modules of ``finetune_modules`` learn from cross-entropy + self-distillation
     from the original network, on the network the sampled actions execute.
 
     The tuned units become copies owned by ``dyn`` (saved under ``dyn.tuned``); BatchNorm
     stays in eval mode. AdamW with a cosine schedule; returns one record per epoch.
+    ``checkpointer`` saves the state at every epoch end and restores it when resuming.
     """
     cfg = recipe.train
-    teacher = common.teacher_logits(dyn, data.fit, prep, recipe) if cfg.distill_weight > 0 else None
+    checkpointer = checkpointer or Checkpointer.disabled()
+    teacher = common.teacher_logits(dyn, data.fit, prep, recipe, checkpointer) if cfg.distill_weight > 0 else None
     indices = tunable_units(dyn, config.finetune_modules)
     own_tuned_units(dyn, indices)
     dyn.plan["replay"]["tuned"] = indices
@@ -228,33 +246,46 @@ def finetune_jointly(dyn: BlockSkipModel, data, prep, recipe, config) -> list[di
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     generator = torch.Generator().manual_seed(recipe.seed + 1)
     mask = decided_mask(dyn.num_blocks, dyn.num_blocks, recipe.device)
-    history = []
-    with tqdm(total=steps, desc="fine-tune jointly", unit="step") as bar:
-        for epoch in range(config.finetune_epochs):
-            order = torch.randperm(len(data.fit), generator=generator)
-            totals = _Totals()
-            for images, labels, index in batches(data.fit, prep, cfg.batch_size, recipe.device, order):
+    progress = checkpointer.begin("fine-tuning", config.finetune_epochs, dyn, optimizer, scheduler, generator)
+
+    def step(images, labels, index):
+        policy_loss, out, stats = reinforce_step(dyn, images, labels, config, mask, backbone_grad=True)
+        if teacher is None:
+            task_loss = torch.nn.functional.cross_entropy(out, labels)
+        else:
+            task_loss = distillation_loss(
+                out, labels, teacher[index].to(out.device), cfg.distill_temperature, cfg.distill_weight
+            )
+        return policy_loss + task_loss, task_loss, stats
+
+    # a block no sample of a rank's share keeps gets no gradient there
+    step = distributed.wrap_step([*controller.parameters(), *backbone], step, find_unused=True)
+    with tqdm(total=steps, initial=progress.step, desc="fine-tune jointly", unit="step") as bar:
+        for epoch in range(progress.epoch, config.finetune_epochs):
+            order = progress.epoch_order(lambda: torch.randperm(len(data.fit), generator=generator))
+            for images, labels, index, n_global in train_batches(
+                data.fit, prep, cfg.batch_size, recipe.device, order, progress.batch
+            ):
+                progress.step += 1
+                progress.batch += 1
                 bar.update(1)
-                if len(labels) < 2:
-                    continue
-                policy_loss, out, stats = reinforce_step(dyn, images, labels, config, mask, backbone_grad=True)
-                if teacher is None:
-                    task_loss = torch.nn.functional.cross_entropy(out, labels)
-                else:
-                    task_loss = distillation_loss(
-                        out, labels, teacher[index].to(out.device), cfg.distill_temperature, cfg.distill_weight
-                    )
-                loss = policy_loss + task_loss
-                check_finite(loss, "joint fine-tuning")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                totals.add({"loss": loss.item(), "task_loss": task_loss.item(), **stats}, len(labels))
-                bar.set_postfix(reward=f"{stats['reward']:.3f}", flops=f"{stats['flops_ratio']:.2f}")
-            history.append({"phase": "finetune", "epoch": epoch, **totals.means()})
+                if distributed.smallest_shard(n_global) >= 2:
+                    loss, task_loss, stats = step(images, labels, index)
+                    check_finite(loss, "joint fine-tuning")
+                    optimizer.zero_grad(set_to_none=True)
+                    distributed.scale_loss(loss, len(labels), n_global).backward()
+                    optimizer.step()
+                    scheduler.step()
+                    values = {"loss": loss.item(), "task_loss": task_loss.item(), **stats}
+                    progress.add(_weighted(values, len(labels)))
+                    bar.set_postfix(reward=f"{stats['reward']:.3f}", flops=f"{stats['flops_ratio']:.2f}")
+                checkpointer.after_step(progress)
+            record = {"phase": "finetune", "epoch": epoch}
+            progress.end_epoch({**record, **_means(distributed.sum_over_ranks(progress.totals))})
+            checkpointer.end_epoch(progress)
     for param in backbone:
         param.requires_grad_(False)
+    distributed.broadcast_buffers(dyn.dyn)
     controller.eval()
     dyn.eval()
-    return history
+    return progress.history

@@ -21,6 +21,7 @@ from dynconvert.convert.calibrate import (
     simulate_exits,
     threshold_sweep,
 )
+from dynconvert.convert.checkpoint import Checkpointer
 from dynconvert.convert.costs import count_flops, node_flops
 from dynconvert.convert.trace import trace
 from dynconvert.convert.train import fit_on_cached_features, freeze, map_batches
@@ -136,22 +137,31 @@ class EarlyExit(Strategy):
         return dyn.eval()
 
     @staticmethod
-    def fit(dyn: EarlyExitModel, data, prep, recipe, config: EarlyExitConfig) -> dict:
-        """Train the heads on the fit split, then calibrate on the calibration split."""
+    def fit(dyn: EarlyExitModel, data, prep, recipe, config: EarlyExitConfig, checkpointer=None) -> dict:
+        """Train the heads on the fit split, then calibrate on the calibration split.
+
+        ``checkpointer`` (a :class:`~dynconvert.convert.checkpoint.Checkpointer`) keeps the
+        backbone's features and the heads' training state for a resumed run.
+        """
         device, train_cfg = recipe.device, recipe.train
         if train_cfg.tune_backbone:
             raise DynconvertError(
                 "train.tune_backbone is not supported by the early-exit strategy yet; "
                 "leave it empty to train the exits on a frozen backbone"
             )
+        checkpointer = checkpointer or Checkpointer.disabled()
         freeze(dyn.segments)
-        teacher, *features = map_batches(
-            dyn.exit_features,
-            data.fit,
-            prep,
-            recipe.data.batch_size,
-            device,
-            "backbone features",
+        teacher, *features = checkpointer.cached(
+            "backbone-features",
+            lambda: map_batches(
+                dyn.exit_features,
+                data.fit,
+                prep,
+                recipe.data.batch_size,
+                device,
+                "backbone features",
+                shard=True,
+            ),
         )
         heads = dyn.dyn.exits
         heads.train()
@@ -163,6 +173,8 @@ class EarlyExit(Strategy):
             teacher.to(device),
             train_cfg,
             recipe.seed,
+            module=dyn,
+            checkpointer=checkpointer,
         )
         heads.eval()
         calibration = calibrate_exits(dyn, data.calibration, prep, recipe)

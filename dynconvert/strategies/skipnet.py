@@ -54,9 +54,16 @@ class SkipNet(Strategy):
         )
 
     @staticmethod
-    def fit(dyn, data, prep, recipe, config: SkipNetConfig) -> dict:
+    def fit(dyn, data, prep, recipe, config: SkipNetConfig, checkpointer=None) -> dict:
         history = common.train_relaxed(
-            dyn, data, prep, recipe, config.target_flops_ratio, config.cost_weight, recipe.train.tune_backbone
+            dyn,
+            data,
+            prep,
+            recipe,
+            config.target_flops_ratio,
+            config.cost_weight,
+            recipe.train.tune_backbone,
+            checkpointer,
         )
         calibration = common.calibrate_bias(dyn, data.calibration, prep, recipe, config.calibration_offsets)
         return {"train": history, **calibration}
