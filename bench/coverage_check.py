@@ -432,7 +432,8 @@ def check_model(spec: ModelSpec | str, strategy_name: str, seed: int = 0) -> dic
 def _inserted_summary(dyn) -> str:
     params = sum(p.numel() for p in dyn.dyn.parameters())
     if _is_early_exit(dyn):
-        return f"{dyn.num_exits} exits, {params} params"
+        fallback = dyn.plan.get("insertion", "").startswith("feature_info")
+        return f"{dyn.num_exits} exits{' on feature_info stages (fallback)' if fallback else ''}, {params} params"
     if _is_block_skip(dyn):
         return f"{dyn.num_blocks} of {len(dyn.droppable)} units gated, {params} params"
     return f"{params} params"

@@ -31,3 +31,11 @@ def test_insertion_works_on_timm_test_models(model, strategy):
     assert record["step"] is None
     assert record["details"]["invariance_error"] <= 1e-4
     assert record["details"]["load_error"] <= 1e-5
+
+
+def test_early_exit_falls_back_to_feature_info_stages_on_coat():
+    """CoaT keeps its batch size alive through the whole graph: no cut point, so exits go on its stages."""
+    record = check_model("coat_lite_tiny", "early-exit")
+    assert record["result"] == "pass", f"{record['step']}: {record['reason']}"
+    assert "feature_info stages (fallback)" in record["details"]["inserted"]
+    assert record["details"]["invariance_error"] <= 1e-4

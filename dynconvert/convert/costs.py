@@ -7,6 +7,7 @@ FLOPs here are 2 x multiply-accumulates of convolutions and matrix products, as 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import fx, nn
@@ -53,3 +54,29 @@ def node_flops(gm: fx.GraphModule, example: torch.Tensor) -> dict[str, float]:
     with torch.no_grad(), _parameters_without_grad(gm), FlopCounterMode(display=False) as counter:
         Counting(gm).run(example)
     return per_node
+
+
+def flops_at_modules(model: nn.Module, example: torch.Tensor, names: list[str]) -> dict[str, dict]:
+    """Where the forward pass reaches each named module, measured in one run on ``example``.
+
+    Returns, for each module that was called, ``{"flops_before": FLOPs per sample up to the end
+    of its first call, "output": its first output, "calls": how many times it ran, "order": the
+    rank of its first call}``, plus ``"total"``: the whole network's FLOPs per sample.
+    """
+    seen: dict[str, dict] = {}
+
+    def record(name, module, inputs, output):
+        if name in seen:
+            seen[name]["calls"] += 1
+            return
+        flops = counter.get_total_flops() / example.shape[0]
+        seen[name] = {"flops_before": flops, "output": output, "calls": 1, "order": len(seen)}
+
+    handles = [model.get_submodule(n).register_forward_hook(partial(record, n)) for n in names]
+    try:
+        with torch.no_grad(), _parameters_without_grad(model), FlopCounterMode(display=False) as counter:
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {**seen, "total": counter.get_total_flops() / example.shape[0]}

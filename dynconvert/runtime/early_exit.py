@@ -38,9 +38,10 @@ class EarlyExitModel(nn.Module):
         segment_flops: list[float],
         head_flops: list[float],
         criterion: str = "max_softmax",
+        check_segments: bool = True,
     ):
         super().__init__()
-        if len(segments) != len(heads) + 1:
+        if check_segments and len(segments) != len(heads) + 1:
             raise ValueError("need exactly one more segment than exit heads")
         self.segments = nn.ModuleList(segments)
         self.dyn = nn.Module()

@@ -9,6 +9,7 @@ budget on held-out data.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 
@@ -27,9 +28,11 @@ from dynconvert.convert.trace import trace
 from dynconvert.convert.train import fit_on_cached_features, freeze, map_batches
 from dynconvert.errors import DynconvertError
 from dynconvert.passes import CutPoint, exit_points_of, find_cut_points, insert_exit_heads, split_at
+from dynconvert.passes.stages import feature_info_modules, stage_points
 from dynconvert.recipe import _check_choice, _check_range
 from dynconvert.runtime.early_exit import EarlyExitModel
 from dynconvert.runtime.heads import ExitHead
+from dynconvert.runtime.stage_exits import StageExitModel
 from dynconvert.strategies.registry import Strategy, register_strategy
 
 log = logging.getLogger(__name__)
@@ -93,11 +96,34 @@ class EarlyExit(Strategy):
     config_class = EarlyExitConfig
 
     @staticmethod
-    def prepare(model, recipe, config: EarlyExitConfig, example: torch.Tensor, num_classes: int, exit_nodes=None):
-        """Trace ``model``, insert exit heads and return an untrained :class:`EarlyExitModel`."""
-        gm = trace(model, recipe.model.leaf_modules, example)
+    def prepare(
+        model,
+        recipe,
+        config: EarlyExitConfig,
+        example: torch.Tensor,
+        num_classes: int,
+        exit_nodes=None,
+        exit_modules=None,
+    ):
+        """Trace ``model``, insert exit heads and return an untrained :class:`EarlyExitModel`.
+
+        When the traced graph offers no cut point (or the model cannot be traced) and timm lists
+        the model's stages, the exits go on those stages instead (:class:`StageExitModel`).
+        ``exit_nodes`` / ``exit_modules`` replay a saved plan.
+        """
+        if exit_modules is not None:
+            return _prepare_on_stages(model, config, example, num_classes, recipe, exit_modules, "replayed")
+        try:
+            gm = trace(model, recipe.model.leaf_modules, example)
+        except DynconvertError as exc:
+            if exit_nodes is not None or not feature_info_modules(model):
+                raise
+            return _prepare_on_stages(model, config, example, num_classes, recipe, None, f"untraceable: {exc}")
         flops = node_flops(gm, example)
         candidates = find_cut_points(gm, flops)
+        if not candidates and exit_nodes is None and feature_info_modules(model):
+            reason = "the traced graph has no point where a single tensor is alive"
+            return _prepare_on_stages(model, config, example, num_classes, recipe, None, reason)
         if exit_nodes is None:
             chosen = choose_points(candidates, config)
         else:
@@ -108,17 +134,7 @@ class EarlyExit(Strategy):
                     f"saved exit points {', '.join(unknown)} are not in the traced model: it changed since saving"
                 )
             chosen = [by_node[n] for n in exit_nodes]
-        heads = [
-            ExitHead(
-                p.shape,
-                num_classes,
-                config.head_pool,
-                config.head_hidden,
-                config.token_pooling,
-                is_channels_last(p.shape),
-            )
-            for p in chosen
-        ]
+        heads = _heads_for(chosen, num_classes, config)
         gm = insert_exit_heads(gm, [p.node for p in chosen], heads)
         segments = split_at(gm, exit_points_of(gm))
         segment_flops, h = [], example
@@ -130,6 +146,7 @@ class EarlyExit(Strategy):
         dyn = EarlyExitModel(segments, heads, segment_flops, head_flops, recipe.calibrate.criterion)
         dyn.plan = {
             "replay": {"exit_nodes": [p.node for p in chosen]},
+            "insertion": "graph cut: the backbone is split into segments at the exits",
             "exit_modules": [p.name for p in chosen],
             "exit_flops_fractions": [p.flops_fraction for p in chosen],
             "head_flops": head_flops,
@@ -202,6 +219,57 @@ class EarlyExit(Strategy):
             acc = (preds[exits, columns] == split.labels).float().mean()
             points.append({"flops_ratio": float(costs[exits].mean()) / dyn.static_flops(), "accuracy": float(acc)})
         return points
+
+
+def _heads_for(points: list[CutPoint], num_classes: int, config: EarlyExitConfig) -> list[ExitHead]:
+    return [
+        ExitHead(
+            p.shape,
+            num_classes,
+            config.head_pool,
+            config.head_hidden,
+            config.token_pooling,
+            is_channels_last(p.shape),
+        )
+        for p in points
+    ]
+
+
+def _prepare_on_stages(model, config, example, num_classes, recipe, exit_modules, reason: str) -> StageExitModel:
+    """Exits on timm's feature_info stages, run from forward hooks (the fallback; says so in the log and plan)."""
+    points = stage_points(model, example)
+    if exit_modules is None:
+        log.warning("early-exit: %s; falling back to stage ends from timm's feature_info (forward hooks)", reason)
+        if not points:
+            raise DynconvertError(
+                "found no place to insert an exit: the traced graph has no block ends and no stage "
+                "listed in the model's feature_info outputs a feature map or token sequence"
+            )
+        chosen = choose_points(points, config)
+    else:
+        by_name = {p.node: p for p in points}
+        unknown = [n for n in exit_modules if n not in by_name]
+        if unknown:
+            raise DynconvertError(
+                f"saved exit stages {', '.join(unknown)} are not in the model: it changed since saving"
+            )
+        chosen = [by_name[n] for n in exit_modules]
+    heads = _heads_for(chosen, num_classes, config)
+    total = count_flops(model, example)
+    ends = [p.flops_before for p in chosen]
+    segment_flops = [b - a for a, b in zip([0.0, *ends], [*ends, total])]
+    head_flops = [count_flops(head, torch.zeros(2, *p.shape)) for head, p in zip(heads, chosen)]
+    backbone = copy.deepcopy(model).eval()
+    names = [p.node for p in chosen]
+    dyn = StageExitModel(backbone, names, heads, segment_flops, head_flops, recipe.calibrate.criterion)
+    dyn.plan = {
+        "replay": {"exit_modules": [p.node for p in chosen]},
+        "insertion": f"feature_info fallback: exits on stage ends, run from forward hooks ({reason})",
+        "exit_modules": [p.name for p in chosen],
+        "exit_flops_fractions": [p.flops_fraction for p in chosen],
+        "head_flops": head_flops,
+    }
+    return dyn.eval()
 
 
 def calibrate_exits(dyn: EarlyExitModel, split, prep, recipe) -> dict:
