@@ -96,7 +96,6 @@ def wrap_step(parameters: list[nn.Parameter], fn: Callable, find_unused: bool = 
         _Step(parameters, fn),
         device_ids=[device] if device.type == "cuda" else None,
         find_unused_parameters=find_unused,
-        broadcast_buffers=False,
     )
 
 
