@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -47,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dynconvert`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for all
+    quiet = args.quiet or not main_rank
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     try:
         from dynconvert.convert.pipeline import convert_recipe, default_output
         from dynconvert.recipe import build_recipe
@@ -72,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dynconvert: interrupted", file=sys.stderr)
         return 130
+    if not main_rank:
+        return 0
     r = dyn.report
     print(
         f"{r['model']} {r['strategy']}: accuracy {100 * r['static']['accuracy']:.2f}% -> "

@@ -48,6 +48,7 @@ def test_two_processes_match_one(strategy, tiny_data, tiny_weights, tmp_path):
     out = tmp_path / "out"
     run = torchrun(strategy, tiny_data, tiny_weights, out)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("written to") == 1, "rank 0 alone prints the summary"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no work or staging folder is left"
     report = json.loads((out / "report.json").read_text())
     expected = single(strategy, tiny_data, tiny_weights)
