@@ -1,13 +1,15 @@
 """Saved FLOPs against saved time: static and dynamic models measured side by side.
 
-    python bench/speed.py [MODEL_DIR ...] [--images 500] [--rounds 3]
+    python bench/speed.py [MODEL_DIR ...] [--images 500] [--rounds 3] [--memory-format channels_last]
 
 Each MODEL_DIR is a conversion's output folder (default: every folder under bench/out that
 holds a model). In one process, interleaved image by image (batch 1) and batch by batch
 (batch 64), on the evaluation split's real images: the static network and the dynamic one.
 Reports the mean time per image (batch 1) and per batch of 64, the time ratio beside the FLOPs
 ratio of the same images, and their quotient (efficiency: 1.0 means every saved FLOP became saved
-time). Writes bench/results/speed.json and bench/results/speed.png.
+time). Both models run in the same memory format: channels-last by default, the faster layout
+for these convolutions on CPU (``--memory-format contiguous`` writes speed-contiguous.json).
+Writes bench/results/speed.json and bench/results/speed.png.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import dynconvert
 from dynconvert.convert.build import build_model
 from dynconvert.convert.data import load_conversion_data, normalize
 
+FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
 
 def timed(fn, x) -> float:
     start = time.perf_counter()
@@ -34,11 +38,12 @@ def timed(fn, x) -> float:
 
 
 @torch.inference_mode()
-def measure(folder: Path, images: int, rounds: int, batch: int) -> dict:
-    dyn = dynconvert.load(folder).eval()
-    static = build_model(dyn.recipe.model).eval()
+def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: str) -> dict:
+    fmt = FORMATS[memory_format]
+    dyn = dynconvert.load(folder).eval().to(memory_format=fmt)
+    static = build_model(dyn.recipe.model).eval().to(memory_format=fmt)
     data = load_conversion_data(dyn.recipe.data, dyn.preprocess, dyn.recipe.seed).evaluation
-    x = normalize(data.images[:images], dyn.preprocess)
+    x = normalize(data.images[:images], dyn.preprocess).contiguous(memory_format=fmt)
     records = torch.cat([dyn.decision_record(dyn.route(x[i : i + batch])) for i in range(0, len(x), batch)])
     flops_ratio = float(dyn.flops_of(records).mean()) / dyn.static_flops()
     for model in (static, dyn):  # warm-up
@@ -70,6 +75,7 @@ def measure(folder: Path, images: int, rounds: int, batch: int) -> dict:
         "split": data.name,
         "images": len(x),
         "rounds": rounds,
+        "memory_format": memory_format,
         "flops_ratio": flops_ratio,
     }
     for name, times in (("batch1", single), (f"batch{batch}", batched)):
@@ -121,19 +127,26 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument(
+        "--memory-format",
+        choices=list(FORMATS),
+        default="channels_last",
+        help="layout of images and conv weights, the same for the static and the dynamic model",
+    )
     args = parser.parse_args()
     folders = args.folders or sorted(p for p in OUT.iterdir() if (p / "model" / "meta.json").is_file())
     results = []
     for folder in folders:
-        result = measure(folder, args.images, args.rounds, args.batch)
+        result = measure(folder, args.images, args.rounds, args.batch, args.memory_format)
         results.append(result)
         print(
             f"{result['strategy']:>10} {folder.name}: FLOPs {result['flops_ratio']:.3f}, time batch 1 "
             f"{result['batch1']['time_ratio']:.3f}, batch {args.batch} {result[f'batch{args.batch}']['time_ratio']:.3f}"
         )
     gpu = "measured" if torch.cuda.is_available() else "not measured: no GPU on this machine"
-    write_result("speed", {"machine": machine(), "gpu": gpu, "results": results})
-    plot(results, RESULTS / "speed.png", args.batch)
+    name = "speed" if args.memory_format == "channels_last" else f"speed-{args.memory_format}"
+    write_result(name, {"machine": machine(), "gpu": gpu, "memory_format": args.memory_format, "results": results})
+    plot(results, RESULTS / f"{name}.png", args.batch)
 
 
 if __name__ == "__main__":

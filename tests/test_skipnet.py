@@ -85,13 +85,17 @@ def test_skipped_blocks_really_do_not_run():
     assert float(dyn.sample_flops(dyn.last_kept)[0]) < 0.2 * dyn.static_flops()
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("gate", ["feedforward", "recurrent"])
-def test_sub_batches_equal_running_each_sample_alone(gate):
+def test_sub_batches_equal_running_each_sample_alone(gate, channels_last):
     _, dyn, size = prepared(gate=gate)
     torch.manual_seed(3)
     for p in dyn.dyn.controller.parameters():
         torch.nn.init.normal_(p, std=0.5)
     x = torch.randn(12, 3, size, size)
+    if channels_last:  # the gathered sub-batches keep the layout
+        dyn = dyn.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         for offset in torch.linspace(-3, 3, 25):  # find a bias that gives mixed decisions
             dyn.dyn.bias.fill_(float(offset))
