@@ -1,0 +1,230 @@
+"""Export-friendly forwards of the dynamic models: pure tensor code that returns
+(logits, decisions), with per-sample routing expressed as data-dependent gathers and,
+where chosen, ``torch.cond``; nothing reads a tensor's value in Python."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from dynconvert.runtime.block_skip import BlockSkipModel
+from dynconvert.runtime.confidence import confidence
+from dynconvert.runtime.early_exit import EarlyExitModel
+
+FORMS = ("gather", "cond")
+
+
+def _check_sub_batch(h: torch.Tensor, rows: torch.Tensor, batch) -> None:
+    """Tell torch.export what a ``torch.cond`` output of data-dependent size is: a sub-batch."""
+    torch._check(h.shape[0] >= 0)
+    torch._check(h.shape[0] <= batch)
+    torch._check(rows.shape[0] == h.shape[0])
+
+
+class FrozenBatchNorm(nn.Module):
+    """An evaluation-mode BatchNorm as a per-channel scale and shift.
+
+    torch.export's batch norm asks whether the batch is empty, which it cannot answer for
+    a sub-batch of data-dependent size; this form asks nothing.
+    """
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias
+        self.register_buffer("scale", scale.detach().clone())
+        self.register_buffer("shift", shift.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * self.scale.view(shape) + self.shift.view(shape)
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` with every evaluation-mode BatchNorm frozen to a scale and shift."""
+    module = copy.deepcopy(module).eval().requires_grad_(False)
+    for name, child in list(module.named_modules()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and child.track_running_stats:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(parent_name), attr, FrozenBatchNorm(child))
+    return module
+
+
+def _rows(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the true entries of a 1-D mask, a size torch.export can reason about."""
+    rows = mask.nonzero().reshape(-1)  # not squeeze(1): the exported Squeeze fails on empty rows
+    torch._check(rows.shape[0] >= 0)
+    torch._check(rows.shape[0] <= mask.shape[0])
+    return rows
+
+
+@torch.no_grad()
+def _stage_shapes(stages: nn.ModuleList, example: torch.Tensor) -> tuple[list[tuple[int, ...]], int]:
+    """Per-sample output shape of each stage, and the number of classes (the last stage's width)."""
+    shapes, h = [], example[:1]
+    for stage in stages:
+        h = stage(h)
+        shapes.append(tuple(h.shape[1:]))
+    return shapes, shapes[-1][0]
+
+
+class EarlyExitGraph(nn.Module):
+    """``forward(x) -> (logits, exits)`` of an :class:`EarlyExitModel`.
+
+    After each exit head, the samples that leave write their logits into the output and
+    leave the batch (``NonZero`` + ``Gather``); the later segments run on the rest only.
+    With ``form="cond"`` the rest of the network is also wrapped in ``torch.cond`` on
+    "any sample left", so a batch that has fully exited stops there.
+    Exits whose threshold is above 1 can never be taken and are left out of the graph.
+    """
+
+    def __init__(self, dyn: EarlyExitModel, example: torch.Tensor, form: str = "gather"):
+        super().__init__()
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got '{form}'")
+        self.form = form
+        self.criterion = dyn.criterion
+        self.num_exits = dyn.num_exits
+        thresholds = dyn.dyn.thresholds.tolist()
+        temperatures = dyn.dyn.temperatures.tolist()
+        # group segments so that each stage ends at a live exit (or at the network's end)
+        stages, heads, self.exit_index, current = [], [], [], []
+        for k in range(dyn.num_exits):
+            current.append(dyn.segments[k])
+            if thresholds[k] <= 1.0:
+                stages.append(nn.Sequential(*current))
+                heads.append(dyn.dyn.exits[k])
+                self.exit_index.append(k)
+                current = []
+        current.append(dyn.segments[-1])
+        stages.append(nn.Sequential(*current))
+        self.stages = frozen_copy(nn.ModuleList(stages))
+        self.heads = frozen_copy(nn.ModuleList(heads))
+        self.register_buffer("thresholds", torch.tensor([thresholds[k] for k in self.exit_index]))
+        self.stage_shapes, self.num_classes = _stage_shapes(self.stages, example)
+        self.register_buffer("temperatures", torch.tensor([temperatures[k] for k in self.exit_index]))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = x.shape[0]
+        exits = torch.full((batch,), self.num_exits, dtype=torch.long, device=x.device)
+        if not self.heads:
+            return self.stages[0](x), exits
+        rows = torch.arange(batch, device=x.device)
+        out = x.new_zeros((batch, self.num_classes))
+        h, rows, out, exits = self._level(0, x, rows, out, exits)
+        for i in range(1, len(self.heads)):
+            if self.form == "gather":
+                h, rows, out, exits = self._level(i, h, rows, out, exits)
+                continue
+            h, rows, out, exits = torch.cond(
+                h.shape[0] > 0,
+                lambda h, rows, out, exits, i=i: self._level(i, h, rows, out, exits),
+                lambda h, rows, out, exits, i=i: (
+                    h.new_zeros((h.shape[0], *self.stage_shapes[i])),
+                    rows.clone(),
+                    out.clone(),
+                    exits.clone(),
+                ),
+                (h, rows, out, exits),
+            )
+            _check_sub_batch(h, rows, batch)
+        if self.form == "gather":
+            return out.index_copy(0, rows, self.stages[-1](h)), exits
+        return torch.cond(
+            h.shape[0] > 0,
+            lambda h, rows, out, exits: (out.index_copy(0, rows, self.stages[-1](h)), exits.clone()),
+            lambda h, rows, out, exits: (out.clone(), exits.clone()),
+            (h, rows, out, exits),
+        )
+
+    def _leaves(self, i: int, logits: torch.Tensor) -> torch.Tensor:
+        return confidence(logits / self.temperatures[i], self.criterion) >= self.thresholds[i]
+
+    def _level(self, i: int, h, rows, out, exits):
+        """Stage ``i`` and its exit: leaving samples write their logits and leave the batch."""
+        h = self.stages[i](h)
+        logits = self.heads[i](h)
+        leave = self._leaves(i, logits)
+        gone, stay = _rows(leave), _rows(~leave)
+        left = rows.index_select(0, gone)
+        out = out.index_copy(0, left, logits.index_select(0, gone))
+        exits = exits.index_fill(0, left, self.exit_index[i])
+        return h.index_select(0, stay), rows.index_select(0, stay), out, exits
+
+
+class BlockSkipGraph(nn.Module):
+    """``forward(x) -> (logits, kept)`` of a :class:`BlockSkipModel`.
+
+    Each droppable block runs in full on the samples that keep it and in its skipped form on
+    the rest: with ``form="gather"`` both sub-batches are gathered (``NonZero`` + ``Gather``)
+    and scattered back (``ScatterND``); with ``form="cond"`` a ``torch.cond`` first asks whether
+    every sample keeps the block (run it on the whole batch) or none does (the skipped form on
+    the whole batch), and only a mixed batch pays for the gathers.
+    """
+
+    def __init__(self, dyn: BlockSkipModel, example: torch.Tensor, form: str = "gather"):
+        super().__init__()
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got '{form}'")
+        self.form = form
+        self.units = frozen_copy(dyn.units)
+        self.skipped_units = frozen_copy(dyn.skipped_units)
+        self.controller = frozen_copy(dyn.dyn.controller)
+        self.droppable = list(dyn.droppable)
+        self.register_buffer("bias", dyn.dyn.bias.detach().clone())
+        self.unit_shapes, _ = _stage_shapes(self.units, example)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self.controller.start(x)
+        kept, index, h = [], 0, x
+        for i, unit in enumerate(self.units):
+            if not self.droppable[i]:
+                h = unit(h)
+                continue
+            logit, state = self.controller.decide(index, h, state)
+            score = logit + self.bias[index]
+            kept.append(score >= 0)
+            index += 1
+            h = self._block(i, h, score)
+        if not kept:
+            return h, x.new_zeros((x.shape[0], 0), dtype=torch.bool)
+        return h, torch.stack(kept, 1)
+
+    def _block(self, i: int, h: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        full, skipped, shape = self.units[i], self.skipped_units[i], self.unit_shapes[i]
+
+        def mixed(h, score):
+            keep = score >= 0
+            rows_kept, rows_skipped = _rows(keep), _rows(~keep)
+            out = h.new_zeros((h.shape[0], *shape))
+            out = out.index_copy(0, rows_kept, full(h.index_select(0, rows_kept)))
+            return out.index_copy(0, rows_skipped, skipped(h.index_select(0, rows_skipped)))
+
+        if self.form == "gather":
+            return mixed(h, score)
+
+        # min/max of the scores rather than all()/any() of the decisions: no casts of booleans
+        def some_or_none(h, score):
+            return torch.cond(score.max() >= 0, mixed, lambda h, score: skipped(h), (h, score))
+
+        return torch.cond(score.min() >= 0, lambda h, score: full(h), some_or_none, (h, score))
+
+
+# The form each strategy exports in by default: measured in onnxruntime on cifar_resnet56
+# (docs/export.md, bench/export.py).
+DEFAULT_FORMS = {EarlyExitModel: "gather", BlockSkipModel: "cond"}
+
+
+def export_graph(dyn: nn.Module, example: torch.Tensor, form: str | None = None) -> nn.Module:
+    """The export-friendly module of a dynamic model; ``form`` None picks the strategy's default."""
+    for kind, default in DEFAULT_FORMS.items():
+        if isinstance(dyn, kind):
+            graph_class = EarlyExitGraph if kind is EarlyExitModel else BlockSkipGraph
+            return graph_class(dyn, example, form or default).eval()
+    raise TypeError(f"no ONNX export for {type(dyn).__name__}")

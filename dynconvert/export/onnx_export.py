@@ -1,0 +1,161 @@
+"""Export a dynamic model to ONNX with its per-sample decisions, then check it in onnxruntime."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dynconvert.errors import DynconvertError
+from dynconvert.export.check import check_batches, check_onnx
+from dynconvert.export.graphs import export_graph
+
+log = logging.getLogger(__name__)
+MAX_BATCH = 4096
+OUTPUT_NAMES = {"EarlyExitGraph": ["logits", "exits"], "BlockSkipGraph": ["logits", "kept"]}
+
+
+def check_path(path: Path) -> Path:
+    """Where the check's report of the model at ``path`` goes: ``PATH.check.json``."""
+    return path.with_name(path.name + ".check.json")
+
+
+def export_onnx(
+    dyn: nn.Module,
+    path: str | Path,
+    *,
+    form: str | None = None,
+    images: torch.Tensor | None = None,
+    random_inputs: int = 64,
+    overwrite: bool = False,
+) -> dict:
+    """Export ``dyn`` to ONNX at ``path`` (batch dimension dynamic) and check it.
+
+    The graph returns ``logits`` and the decisions (``exits`` per sample, or ``kept`` per
+    sample and block) and computes nothing for exited samples or skipped blocks (see
+    docs/export.md; ``form`` ``"gather"`` or ``"cond"``, None for the strategy's default).
+    The check runs ``images`` (normalized; None: the evaluation split of the model's recipe
+    when it can be read) and ``random_inputs`` random inputs through onnxruntime and
+    PyTorch and writes its report to ``PATH.check.json``. Returns the report.
+
+    Raises DynconvertError when a file exists and ``overwrite`` is false, when export fails, or
+    when the check fails (then no model is written; the report still is).
+
+    Example: ``dynconvert.export_onnx(dynconvert.load("out/"), "out/model.onnx")``
+    """
+    path = Path(path)
+    report_path = check_path(path)
+    for existing in (path, report_path):
+        if existing.exists() and not overwrite:
+            raise DynconvertError(f"'{existing}' exists; pass overwrite=True (--force) to replace it")
+    dyn = dyn.eval()
+    input_size = _input_size(dyn, images)
+    if images is None:
+        images = _evaluation_images(dyn)
+    example = images[:2] if images is not None and len(images) >= 2 else torch.randn(2, *input_size)
+    try:
+        graph = export_graph(dyn, example[:1], form)
+    except (TypeError, ValueError) as exc:
+        raise DynconvertError(str(exc)) from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        _export(graph, example, tmp)
+        batches = check_batches(images, random_inputs, input_size)
+        try:
+            report = check_onnx(tmp, dyn, batches)
+        except DynconvertError as exc:
+            _write_json(report_path, {**_describe(dyn, graph), **exc.report})
+            raise
+        report = {**_describe(dyn, graph), **report}
+        _write_json(report_path, report)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("exported %s; check passed (max logit difference %.2g)", path, report["max_abs_logit_diff"])
+    return report
+
+
+def _export(graph: nn.Module, example: torch.Tensor, path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    try:
+        with warnings.catch_warnings(), _quiet_exporter():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                graph,
+                (example,),
+                input_names=["x"],
+                output_names=OUTPUT_NAMES[type(graph).__name__],
+                dynamic_shapes={"x": {0: batch}},
+                dynamo=True,
+                verbose=False,
+            )
+    except Exception as exc:
+        raise DynconvertError(f"torch.onnx.export failed for {type(graph).__name__}: {exc}") from exc
+    program.save(str(path))
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Keep the exporter's progress lines and graph-pass notices out of the user's log."""
+    loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _input_size(dyn: nn.Module, images: torch.Tensor | None) -> tuple[int, ...]:
+    if images is not None:
+        return tuple(images.shape[1:])
+    prep = getattr(dyn, "preprocess", None)
+    if prep is None:
+        raise DynconvertError("pass images=... : the model carries no input size (no preprocess)")
+    return tuple(prep.input_size)
+
+
+def _evaluation_images(dyn: nn.Module, limit: int = 512) -> torch.Tensor | None:
+    """The evaluation split of the model's recipe (normalized), or None when it cannot be read."""
+    recipe, prep = getattr(dyn, "recipe", None), getattr(dyn, "preprocess", None)
+    if recipe is None or prep is None or not recipe.data.path:
+        log.warning("no data set recorded with the model: the ONNX check uses random inputs only")
+        return None
+    from dynconvert.convert.data import load_conversion_data, normalize
+
+    try:
+        split = load_conversion_data(recipe.data, prep, recipe.seed).evaluation
+    except DynconvertError as exc:
+        log.warning("the ONNX check uses random inputs only: %s", exc)
+        return None
+    return normalize(split.images[:limit], prep)
+
+
+def _describe(dyn: nn.Module, graph: nn.Module) -> dict:
+    import onnxruntime
+
+    recipe = getattr(dyn, "recipe", None)
+    return {
+        "model": recipe.model.name if recipe is not None else type(dyn).__name__,
+        "strategy": recipe.strategy if recipe is not None else None,
+        "form": graph.form,
+        "outputs": OUTPUT_NAMES[type(graph).__name__],
+        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,139 @@
+"""ONNX export keeps the per-sample decisions: every strategy on tiny models, and the check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+import dynconvert  # noqa: E402
+from dynconvert.export.check import check_batches, check_onnx  # noqa: E402
+from dynconvert.models.cifar_resnet import CifarResNet  # noqa: E402
+from dynconvert.recipe import build_recipe, strategy_config  # noqa: E402
+from dynconvert.runtime.confidence import confidence  # noqa: E402
+from dynconvert.strategies import get_strategy  # noqa: E402
+
+SIDE = 16  # the CIFAR ResNets pool globally, so a smaller image keeps the tests fast
+
+
+def tiny(strategy: str, overrides=()):
+    """An 8-layer CIFAR ResNet (3 droppable blocks) converted by ``strategy``, untrained."""
+    torch.manual_seed(0)
+    model = CifarResNet(depth=8, num_classes=3).eval()
+    recipe = build_recipe(None, "cifar_resnet20", strategy, ["model.pretrained=false", *overrides])
+    strategy_ = get_strategy(strategy)
+    return strategy_.prepare(model, recipe, strategy_config(recipe), torch.randn(2, 3, SIDE, SIDE), 3).eval()
+
+
+def make_decisive(dyn):
+    """Random inserted weights, then thresholds (exits) or biases (blocks) at the median of
+    what the samples score, so that decisions split the batch (an even number of samples: the
+    median falls between two scores, so no sample sits exactly on a threshold)."""
+    torch.manual_seed(1)
+    for p in dyn.dyn.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = images()
+    with torch.no_grad():
+        if hasattr(dyn.dyn, "thresholds"):
+            for k, logits in enumerate(dyn.forward_all(x)[1]):
+                dyn.dyn.thresholds[k] = confidence(logits, dyn.criterion).quantile(0.5)
+            return dyn
+        controller, decide = dyn.dyn.controller, dyn.dyn.controller.decide
+        for block in range(dyn.num_blocks):  # earlier biases settle the inputs of later blocks
+            seen = {}
+
+            def recording(index, h, state, seen=seen):
+                logit, state = decide(index, h, state)
+                seen[index] = logit
+                return logit, state
+
+            controller.decide = recording
+            dyn.route(x)
+            del controller.decide
+            dyn.dyn.bias[block] = -seen[block].quantile(0.5)
+    return dyn
+
+
+def splits_samples(record: torch.Tensor) -> bool:
+    return bool((record != record[:1]).any())
+
+
+def images(n=80):
+    torch.manual_seed(2)
+    return torch.randn(n, 3, SIDE, SIDE) * torch.linspace(0.2, 2.0, n).view(-1, 1, 1, 1)
+
+
+# strategy, recipe overrides, export form (each form once per runtime; cond exports are slower)
+CASES = {
+    "early-exit": ("early-exit", ["options.fractions=[0.3,0.6]"], "gather"),
+    "early-exit-cond": ("early-exit", ["options.fractions=[0.3,0.6]"], "cond"),
+    "skipnet": ("skipnet", ["options.gate=feedforward"], "cond"),
+    "skipnet-recurrent": ("skipnet", ["options.gate=recurrent"], "gather"),
+    "blockdrop": ("blockdrop", [], "gather"),
+}
+
+
+def decisions_of(dyn, x):
+    with torch.no_grad():
+        return dyn.decision_record(dyn.route(x))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_export_keeps_decisions_and_passes_the_check(case, tmp_path):
+    strategy, overrides, form = CASES[case]
+    dyn = make_decisive(tiny(strategy, overrides))
+    x = images()
+    record = decisions_of(dyn, x)
+    # the decisions must vary across samples, or the test would not test routing
+    assert splits_samples(record), f"{case}: every sample decides the same"
+    report = dynconvert.export_onnx(dyn, tmp_path / "m.onnx", form=form, images=x, random_inputs=16)
+    assert report["passed"] and report["decisions_identical"] and report["form"] == form
+    assert report["max_abs_logit_diff"] <= 1e-4
+    assert 1 in report["batch_sizes"] and 64 in report["batch_sizes"]
+    assert json.loads((tmp_path / "m.onnx.check.json").read_text())["passed"]
+    assert not list(tmp_path.glob("*.partial"))
+
+    from dynconvert.export.check import ort_session
+
+    session = ort_session(tmp_path / "m.onnx")
+    logits, decisions = session.run(None, {"x": x[:5].numpy()})
+    assert logits.shape == (5, 3)
+    assert (torch.from_numpy(decisions) == record[:5]).all()
+
+
+def test_a_model_whose_decisions_differ_fails_the_check(tmp_path):
+    dyn = make_decisive(tiny("early-exit", CASES["early-exit"][1]))
+    x = images()
+    dynconvert.export_onnx(dyn, tmp_path / "m.onnx", images=x, random_inputs=0)
+    dyn.dyn.thresholds += 0.05  # PyTorch now exits later than the export
+    with pytest.raises(dynconvert.DynconvertError, match="decisions differ"):
+        check_onnx(tmp_path / "m.onnx", dyn, check_batches(x, 0, (3, SIDE, SIDE)))
+
+
+def test_a_failed_check_writes_no_model(tmp_path, monkeypatch):
+    import dynconvert.export.onnx_export as onnx_export
+
+    dyn = make_decisive(tiny("blockdrop"))
+    assert splits_samples(decisions_of(dyn, images(16)))
+
+    def skewed(path, model, batches):
+        model.dyn.bias.fill_(-1e9)  # every block skipped in PyTorch, not in the export
+        return check_onnx(path, model, batches)
+
+    monkeypatch.setattr(onnx_export, "check_onnx", skewed)
+    with pytest.raises(dynconvert.DynconvertError, match="does not behave"):
+        dynconvert.export_onnx(dyn, tmp_path / "m.onnx", form="gather", images=images(16), random_inputs=0)
+    assert not (tmp_path / "m.onnx").exists()
+    assert not json.loads((tmp_path / "m.onnx.check.json").read_text())["passed"]
+
+
+def test_existing_files_are_not_replaced_unless_asked(tmp_path):
+    dyn = tiny("skipnet")
+    (tmp_path / "m.onnx").write_text("keep me")
+    with pytest.raises(dynconvert.DynconvertError, match="exists"):
+        dynconvert.export_onnx(dyn, tmp_path / "m.onnx", images=images(4))
+    assert (tmp_path / "m.onnx").read_text() == "keep me"
