@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="output folder (default: ./dynconvert-out/MODEL-STRATEGY)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     parser.add_argument(
+        "--export",
+        choices=["onnx"],
+        help="also export the converted model (OUT/model.onnx) and check it in onnxruntime (OUT/model.onnx.check.json)",
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="continue an interrupted conversion to --out from its last checkpoint (OUT.resume/)",
@@ -67,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         recipe = build_recipe(args.recipe, args.model, args.strategy, overrides)
         out = Path(args.out) if args.out else default_output(recipe)
         dyn = convert_recipe(recipe, out=out, force=args.force, resume=args.resume)
+        if args.export == "onnx":
+            from dynconvert.export import export_onnx
+
+            export_onnx(dyn, out / "model.onnx", overwrite=args.force)
     except DynconvertError as exc:
         if args.debug:
             raise
