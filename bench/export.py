@@ -1,0 +1,139 @@
+"""onnxruntime latency of exported static and dynamic models, on the same inputs.
+
+    python bench/export.py [MODEL_DIR ...] [--images 300] [--repeats 3] [--threads 1]
+
+Each MODEL_DIR is a conversion's output folder (default: the cifar_resnet56 early-exit,
+BlockDrop and SkipNet conversions under bench/out). For each: the static network and the
+dynamic one in both export forms (gather, cond) are exported to ONNX under
+bench/out/onnx/NAME/ (the dynamic ones through dynconvert.export_onnx, so each passes the
+check first), then timed in onnxruntime (CPU) on the evaluation split's real images:
+one image at a time and in batches of 64, interleaved model by model, each input timed
+``--repeats`` times and the fastest kept (other processes on the machine only ever add time).
+Reports the FLOPs ratio of the same images, each form's time ratio and the quotient.
+Writes bench/results/export.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+from common import OUT, machine, write_result
+
+import dynconvert
+from dynconvert.convert.build import build_model
+from dynconvert.convert.data import load_conversion_data, normalize
+from dynconvert.export.check import ort_session
+from dynconvert.export.graphs import FORMS, export_graph
+
+DEFAULT_DIRS = [
+    "early-exit-cifar_resnet56-cifar10-jpeg",
+    "blockdrop-cifar_resnet56-cifar10-jpeg-default",
+    "skipnet-cifar_resnet56-cifar10-jpeg-default",
+]
+TARGET = 1.2  # time ratio at batch 1 at most this times the FLOPs ratio
+
+
+def export_static(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.onnx.export(
+        model.eval(), (example,), input_names=["x"], dynamic_shapes={"x": {0: batch}}, dynamo=True, verbose=False
+    )
+    program.save(str(path))
+
+
+def fastest_total(sessions: dict, batches: list[np.ndarray], repeats: int) -> dict[str, float]:
+    """Sum over ``batches`` of each session's fastest of ``repeats`` runs, in ms per batch."""
+    totals = dict.fromkeys(sessions, 0.0)
+    for x in batches:
+        best = dict.fromkeys(sessions, float("inf"))
+        for _ in range(repeats):
+            for key, session in sessions.items():
+                start = time.perf_counter()
+                session.run(None, {"x": x})
+                best[key] = min(best[key], time.perf_counter() - start)
+        for key in sessions:
+            totals[key] += best[key]
+    return {key: total / len(batches) * 1e3 for key, total in totals.items()}
+
+
+@torch.inference_mode()
+def measure(folder: Path, images: int, repeats: int, threads: int) -> dict:
+    dyn = dynconvert.load(folder).eval()
+    data = load_conversion_data(dyn.recipe.data, dyn.preprocess, dyn.recipe.seed).evaluation
+    x = normalize(data.images[: max(images, 512)], dyn.preprocess)
+    target = OUT / "onnx" / folder.name
+    target.mkdir(parents=True, exist_ok=True)
+    paths = {"static": target / "static.onnx"}
+    export_static(build_model(dyn.recipe.model), x[:2], paths["static"])
+    checks = {}
+    with torch.inference_mode(False):
+        for form in FORMS:
+            paths[form] = target / f"dynamic-{form}.onnx"
+            checks[form] = dynconvert.export_onnx(dyn, paths[form], form=form, images=x[:512], overwrite=True)
+    default = export_graph(dyn, x[:1]).form
+    records = torch.cat([dyn.decision_record(dyn.route(x[i : i + 64])) for i in range(0, images, 64)])[:images]
+    flops_ratio = float(dyn.flops_of(records).mean()) / dyn.static_flops()
+    sessions = {key: ort_session(path, threads) for key, path in paths.items()}
+    xs = x.numpy()
+    for session in sessions.values():  # warm-up
+        for i in range(20):
+            session.run(None, {"x": xs[i : i + 1]})
+        session.run(None, {"x": xs[:64]})
+    result = {
+        "model_dir": str(folder),
+        "strategy": dyn.recipe.strategy,
+        "model": dyn.recipe.model.name,
+        "images": images,
+        "default_form": default,
+        "flops_ratio": flops_ratio,
+        "check": {
+            form: {k: c[k] for k in ("passed", "max_abs_logit_diff", "decisions_identical", "samples")}
+            for form, c in checks.items()
+        },
+    }
+    for name, batches in (
+        ("batch1", [xs[i : i + 1] for i in range(images)]),
+        ("batch64", [xs[i : i + 64] for i in range(0, 512, 64)]),
+    ):
+        ms = fastest_total(sessions, batches, repeats)
+        result[name] = {"ms": ms}
+        for form in FORMS:
+            ratio = ms[form] / ms["static"]
+            result[name][form] = {"time_ratio": ratio, "time_ratio_over_flops_ratio": ratio / flops_ratio}
+    result["target_met"] = result["batch1"][default]["time_ratio"] <= TARGET * flops_ratio
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("folders", nargs="*", type=Path)
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    folders = args.folders or [OUT / name for name in DEFAULT_DIRS]
+    results = []
+    for folder in folders:
+        r = measure(folder, args.images, args.repeats, args.threads)
+        results.append(r)
+        print(
+            f"{r['strategy']:>10}: FLOPs {r['flops_ratio']:.3f}; default form {r['default_form']}; "
+            + "; ".join(
+                f"{form} b1 {r['batch1'][form]['time_ratio']:.3f} b64 {r['batch64'][form]['time_ratio']:.3f}"
+                for form in FORMS
+            )
+            + f"; static b1 {r['batch1']['ms']['static']:.2f} ms; target met: {r['target_met']}"
+        )
+    info = {**machine(), "onnxruntime": onnxruntime.__version__, "onnxruntime_threads": args.threads}
+    target = f"batch-1 time ratio <= {TARGET} x FLOPs ratio"
+    write_result("export", {"machine": info, "target": target, "results": results})
+
+
+if __name__ == "__main__":
+    main()
