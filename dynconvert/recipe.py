@@ -81,6 +81,7 @@ class CalibrateConfig:
     flops_ratio: float | None = None
     criterion: str = "max_softmax"
     reference: str = "labels"
+    cost: str = "flops"
 
     def validate(self) -> None:
         if (self.max_accuracy_drop is None) == (self.flops_ratio is None):
@@ -94,6 +95,7 @@ class CalibrateConfig:
             _check_range("calibrate.flops_ratio", self.flops_ratio, 0.0, 1.0)
         _check_choice("calibrate.criterion", self.criterion, ("max_softmax", "entropy"))
         _check_choice("calibrate.reference", self.reference, ("agreement", "labels"))
+        _check_choice("calibrate.cost", self.cost, ("flops", "latency"))
 
 
 @dataclass

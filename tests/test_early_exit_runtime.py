@@ -88,10 +88,14 @@ def test_inserted_state_lives_under_dyn_prefix(small_dyn):
 
 def test_exit_costs_and_static_flops(small_dyn):
     dyn, _ = small_dyn
+    assert dyn.exit_costs()[-1] == pytest.approx(dyn.static_flops()), "heads that can't be taken don't run"
+    dyn.dyn.thresholds.fill_(0.5)
     costs = dyn.exit_costs()
     assert costs.shape == (dyn.num_exits + 1,)
     assert torch.all(costs[1:] > costs[:-1]), "leaving later must cost more"
     assert costs[-1] == pytest.approx(dyn.static_flops() + sum(dyn.head_flops))
+    dyn.dyn.thresholds[0] = 2.0  # the first head turned off: nobody pays for it
+    assert dyn.exit_costs()[-1] == pytest.approx(dyn.static_flops() + dyn.head_flops[1])
     # cifar_resnet20: about 41M multiply-accumulates per 32x32 image
     assert 7e7 < dyn.static_flops() < 9e7
 

@@ -12,6 +12,7 @@ from dynconvert.runtime.confidence import confidence
 
 # the accuracy drop must stay within budget with 95% confidence (one-sided) on the calibration data
 CONFIDENCE_Z = 1.645
+OFF = 2.0  # a threshold above any confidence: the exit is never taken and its head never runs
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, steps: int = 50) -> float:
@@ -38,6 +39,7 @@ class SweepPoint:
     accuracy_drop: float
     accuracy_drop_bound: float = 0.0
     exit_fractions: list[float] = field(default_factory=list)
+    time_ratio: float | None = None  # set when the sweep was costed in measured time
 
 
 def simulate_exits(conf: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -49,57 +51,76 @@ def simulate_exits(conf: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor
     return torch.where(passes.any(0), passes.float().argmax(0).long(), never)
 
 
+def exit_cost_table(segment_costs: torch.Tensor, head_costs: torch.Tensor, enabled: torch.Tensor) -> torch.Tensor:
+    """Cost of leaving at each exit (the last entry: running to the end), when only ``enabled``
+    heads are computed: a head whose threshold no sample can reach is never run.
+
+    Args:
+        segment_costs: (exits + 1,) cost of each backbone segment.
+        head_costs: (exits,) cost of computing each head and its decision.
+        enabled: (exits,) bool, which heads run.
+    """
+    segments = torch.cumsum(segment_costs.double(), 0)
+    heads = torch.cumsum(head_costs.double() * enabled.double(), 0)
+    return torch.cat([segments[:-1] + heads, segments[-1:] + heads[-1:]])
+
+
 def threshold_sweep(
     conf: torch.Tensor,
     exit_correct: torch.Tensor,
     final_correct: torch.Tensor,
-    exit_costs: torch.Tensor,
+    segment_costs: torch.Tensor,
+    head_costs: torch.Tensor,
     static_cost: float,
     levels: int = 40,
     tradeoffs: int = 40,
     rounds: int = 3,
 ) -> list[SweepPoint]:
-    """Per-exit thresholds that minimise ``FLOPs ratio + lambda * accuracy drop``, for a range of lambda.
+    """Per-exit thresholds that minimise ``cost ratio + lambda * accuracy drop``, for a range of lambda.
 
     For each lambda (cheap-first to accurate-first), coordinate descent over the exits: each
-    exit's threshold is set to the best of ``levels`` quantiles of its confidences with the
-    others held, ``rounds`` times. Each lambda starts from the previous solution.
+    exit's threshold is set to the best of ``levels`` quantiles of its confidences, or to "off"
+    (its head is not computed, so it costs nothing), with the others held, ``rounds`` times.
+    Each lambda starts from the previous solution.
 
     Args:
         conf: (exits, samples) calibrated confidences.
         exit_correct: (exits, samples) whether each exit's prediction matches the reference.
         final_correct: (samples,) whether the full network's prediction matches it.
-        exit_costs: (exits + 1,) FLOPs of leaving at each exit; the last is the full network.
-        static_cost: FLOPs of the original network, the denominator of every ratio.
+        segment_costs: (exits + 1,) cost of each backbone segment (FLOPs, or measured time).
+        head_costs: (exits,) cost of each head and its decision, paid only by enabled heads.
+        static_cost: cost of the original network, the denominator of every ratio.
 
     Returns the operating points found, one per lambda, plus "never exit".
     """
     n_exits, n = conf.shape
     quantiles = torch.linspace(1.0, 0.0, levels + 1, dtype=torch.float64)
     grids = [
-        torch.cat([torch.tensor([2.0]), torch.quantile(conf[k].double(), quantiles).float()]) for k in range(n_exits)
+        torch.cat([torch.tensor([OFF]), torch.quantile(conf[k].double(), quantiles).float()]) for k in range(n_exits)
     ]
     correct = torch.cat([exit_correct, final_correct[None]]).float()
-    ratio = exit_costs.double() / static_cost
     columns = torch.arange(n)
-    thresholds = torch.full((n_exits,), 2.0)
+    thresholds = torch.full((n_exits,), OFF)
+
+    def ratio_for(th):
+        return exit_cost_table(segment_costs, head_costs, th <= 1.0) / static_cost
 
     def measure(th):
         exits = simulate_exits(conf, th)
-        return exits, float(ratio[exits].mean()), final_correct.float() - correct[exits, columns]
+        return exits, float(ratio_for(th)[exits].mean()), final_correct.float() - correct[exits, columns]
 
     exits, cost, drop = measure(thresholds)
     path = [_point(thresholds, exits, cost, drop, n_exits)]
     for lam in torch.logspace(2.5, -0.5, tradeoffs).tolist():
         for _ in range(rounds):
             for k in range(n_exits):
-                thresholds[k] = _best_threshold(conf, thresholds, k, grids[k], ratio, correct, lam)
+                thresholds[k] = _best_threshold(conf, thresholds, k, grids[k], ratio_for, correct, lam)
         exits, cost, drop = measure(thresholds)
         path.append(_point(thresholds, exits, cost, drop, n_exits))
     return path
 
 
-def _best_threshold(conf, thresholds, k, grid, ratio, correct, lam) -> float:
+def _best_threshold(conf, thresholds, k, grid, ratio_for, correct, lam) -> float:
     """The value of exit k's threshold in ``grid`` minimising cost + lam * drop, others fixed."""
     n_exits, n = conf.shape
     passes = conf >= thresholds[:, None]
@@ -108,7 +129,10 @@ def _best_threshold(conf, thresholds, k, grid, ratio, correct, lam) -> float:
     alternative = torch.where(before, simulate_exits(conf[:k], thresholds[:k]), alternative)
     leave = (~before)[None] & (conf[k][None] >= grid[:, None])  # (grid, samples)
     exits = torch.where(leave, torch.full_like(alternative, k)[None], alternative[None])
-    cost = ratio[exits].mean(1)
+    on, off = thresholds.clone(), thresholds.clone()
+    on[k], off[k] = 0.0, OFF
+    ratio_on, ratio_off = ratio_for(on), ratio_for(off)
+    cost = torch.where(grid[:, None] <= 1.0, ratio_on[exits], ratio_off[exits]).mean(1)
     accuracy = correct.gather(0, exits.clamp(max=n_exits)).mean(1)
     best = torch.argmin(cost - lam * accuracy.double())
     return float(grid[best])
@@ -129,11 +153,14 @@ def _point(thresholds, exits, cost, change, n_exits) -> SweepPoint:
     return SweepPoint([float(t) for t in thresholds], cost, drop, bound, hist.tolist())
 
 
-def choose_operating_point(path: list[SweepPoint], max_accuracy_drop=None, flops_ratio=None) -> SweepPoint:
-    """The cheapest point within the accuracy budget, or the most accurate within the FLOPs budget."""
+def choose_operating_point(
+    path: list[SweepPoint], max_accuracy_drop=None, flops_ratio=None, cheapest_by: str = "flops_ratio"
+) -> SweepPoint:
+    """The cheapest point within the accuracy budget (cheapest in ``cheapest_by``: FLOPs or
+    measured time ratio), or the most accurate within the FLOPs budget."""
     if max_accuracy_drop is not None:
         feasible = [p for p in path if p.accuracy_drop_bound <= max_accuracy_drop]
-        return min(feasible, key=lambda p: p.flops_ratio)
+        return min(feasible, key=lambda p: getattr(p, cheapest_by))
     feasible = [p for p in path if p.flops_ratio <= flops_ratio]
     if not feasible:
         cheapest = min(p.flops_ratio for p in path)

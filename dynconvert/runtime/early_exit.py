@@ -58,13 +58,15 @@ class EarlyExitModel(nn.Module):
         return len(self.dyn.exits)
 
     def exit_costs(self) -> torch.Tensor:
-        """FLOPs per sample of leaving at exit k (k = num_exits: the full network, heads included)."""
-        costs, total = [], 0.0
-        for k in range(self.num_exits):
-            total += self.segment_flops[k] + self.head_flops[k]
-            costs.append(total)
-        costs.append(total + self.segment_flops[-1])
-        return torch.tensor(costs, dtype=torch.float64)
+        """FLOPs per sample of leaving at exit k (k = num_exits: the full network), counting the
+        heads that run: those whose threshold can be reached (at most 1)."""
+        from dynconvert.convert.calibrate import exit_cost_table
+
+        return exit_cost_table(
+            torch.tensor(self.segment_flops, dtype=torch.float64),
+            torch.tensor(self.head_flops, dtype=torch.float64),
+            self.dyn.thresholds.detach().cpu() <= 1.0,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routed = self.route(x)

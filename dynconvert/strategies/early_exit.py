@@ -18,12 +18,15 @@ import torch
 from dynconvert.convert.calibrate import (
     choose_operating_point,
     exit_confidences,
+    exit_cost_table,
     fit_temperature,
     simulate_exits,
     threshold_sweep,
 )
 from dynconvert.convert.checkpoint import Checkpointer
 from dynconvert.convert.costs import count_flops, node_flops
+from dynconvert.convert.data import normalize
+from dynconvert.convert.latency import early_exit_latency
 from dynconvert.convert.trace import trace
 from dynconvert.convert.train import fit_on_cached_features, freeze, map_batches
 from dynconvert.errors import DynconvertError
@@ -211,11 +214,14 @@ class EarlyExit(Strategy):
         temperatures = dyn.dyn.temperatures.cpu().tolist()
         conf = exit_confidences(exit_logits, temperatures, recipe.calibrate.criterion)
         preds = torch.stack([lg.argmax(1) for lg in exit_logits] + [final.argmax(1)])
-        costs = dyn.exit_costs()
+        segment_flops = torch.tensor(dyn.segment_flops, dtype=torch.float64)
+        head_flops = torch.tensor(dyn.head_flops, dtype=torch.float64)
         columns = torch.arange(len(split))
         points = []
         for p in sweep[:: max(1, len(sweep) // 100)] + [sweep[-1]]:
-            exits = simulate_exits(conf, torch.tensor(p["thresholds"]))
+            thresholds = torch.tensor(p["thresholds"])
+            costs = exit_cost_table(segment_flops, head_flops, thresholds <= 1.0)
+            exits = simulate_exits(conf, thresholds)
             acc = (preds[exits, columns] == split.labels).float().mean()
             points.append({"flops_ratio": float(costs[exits].mean()) / dyn.static_flops(), "accuracy": float(acc)})
         return points
@@ -284,8 +290,17 @@ def calibrate_exits(dyn: EarlyExitModel, split, prep, recipe) -> dict:
     conf = exit_confidences(exit_logits, temperatures, cal.criterion)
     exit_correct = torch.stack([lg.argmax(1) == reference for lg in exit_logits])
     final_correct = final.argmax(1) == reference
-    path = threshold_sweep(conf, exit_correct, final_correct, dyn.exit_costs(), dyn.static_flops())
-    chosen = choose_operating_point(path, cal.max_accuracy_drop, cal.flops_ratio)
+    segment_flops = torch.tensor(dyn.segment_flops, dtype=torch.float64)
+    head_flops = torch.tensor(dyn.head_flops, dtype=torch.float64)
+    flops_path = threshold_sweep(conf, exit_correct, final_correct, segment_flops, head_flops, dyn.static_flops())
+    path, cheapest_by, latency = flops_path, "flops_ratio", None
+    if cal.cost == "latency":
+        if isinstance(dyn, StageExitModel):
+            log.warning("calibrate.cost=latency needs graph segments; the stage-end fallback is calibrated on FLOPs")
+        else:
+            latency = _latency_sweep(dyn, split, prep, recipe, conf, exit_correct, final_correct)
+            path, cheapest_by = latency.pop("path"), "time_ratio"
+    chosen = choose_operating_point(path, cal.max_accuracy_drop, cal.flops_ratio, cheapest_by)
     dyn.dyn.temperatures.copy_(torch.tensor(temperatures))
     dyn.dyn.thresholds.copy_(torch.tensor(chosen.thresholds))
     return {
@@ -294,4 +309,30 @@ def calibrate_exits(dyn: EarlyExitModel, split, prep, recipe) -> dict:
         "chosen": chosen.__dict__,
         "calibration_static_accuracy": float((final.argmax(1) == labels).float().mean()),
         "calibration_reference": cal.reference,
+        "cost": cal.cost,
+        **({"latency_table": latency} if latency else {}),
+    }
+
+
+def _latency_sweep(dyn, split, prep, recipe, conf, exit_correct, final_correct) -> dict:
+    """The sweep costed in measured batch-1 time; each point also carries its FLOPs ratio."""
+    images = normalize(split.images[:8].to(recipe.device), prep)
+    timed = dyn
+    if images.dim() == 4 and recipe.device == "cpu":  # timed in the faster layout on CPU, on a copy
+        images = images.contiguous(memory_format=torch.channels_last)
+        timed = copy.deepcopy(dyn).to(memory_format=torch.channels_last)
+    segment_s, head_s = early_exit_latency(timed, images)
+    path = threshold_sweep(conf, exit_correct, final_correct, segment_s, head_s, float(segment_s.sum()))
+    segment_flops = torch.tensor(dyn.segment_flops, dtype=torch.float64)
+    head_flops = torch.tensor(dyn.head_flops, dtype=torch.float64)
+    for p in path:
+        thresholds = torch.tensor(p.thresholds)
+        exits = simulate_exits(conf, thresholds)
+        flops = exit_cost_table(segment_flops, head_flops, thresholds <= 1.0)
+        p.time_ratio, p.flops_ratio = p.flops_ratio, float(flops[exits].mean()) / dyn.static_flops()
+    return {
+        "path": path,
+        "batch": 1,
+        "segment_ms": (segment_s * 1e3).tolist(),
+        "head_ms": (head_s * 1e3).tolist(),
     }

@@ -1,0 +1,65 @@
+"""Threshold calibration: the sweep pays for the heads it runs, and can be costed in measured time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_RUN
+
+import dynconvert
+from dynconvert.convert.calibrate import OFF, choose_operating_point, exit_cost_table, threshold_sweep
+
+
+def test_cost_table_counts_only_enabled_heads():
+    segments = torch.tensor([10.0, 20.0, 30.0], dtype=torch.float64)
+    heads = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    both = exit_cost_table(segments, heads, torch.tensor([True, True]))
+    assert both.tolist() == [11.0, 33.0, 63.0]
+    second_only = exit_cost_table(segments, heads, torch.tensor([False, True]))
+    assert second_only.tolist() == [10.0, 32.0, 62.0]
+
+
+def _two_exit_problem(first_head_cost: float):
+    """The first exit is never right, the second always is: the first is only worth its head's cost."""
+    torch.manual_seed(0)
+    n = 400
+    conf = torch.stack([torch.rand(n) * 0.5, 0.5 + torch.rand(n) * 0.5])
+    exit_correct = torch.stack([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)])
+    final_correct = torch.ones(n, dtype=torch.bool)
+    segments = torch.tensor([1.0, 1.0, 8.0], dtype=torch.float64)
+    heads = torch.tensor([first_head_cost, 0.01], dtype=torch.float64)
+    return threshold_sweep(conf, exit_correct, final_correct, segments, heads, float(segments.sum()))
+
+
+def test_sweep_turns_off_an_exit_that_does_not_pay_for_its_head():
+    chosen = choose_operating_point(_two_exit_problem(first_head_cost=0.5), max_accuracy_drop=0.01)
+    assert chosen.thresholds[0] == OFF, "a head that never helps must not run"
+    assert chosen.thresholds[1] <= 1.0
+    assert chosen.flops_ratio == pytest.approx((1 + 1 + 0.01) / 10)
+
+
+def test_operating_point_respects_the_accuracy_budget():
+    path = _two_exit_problem(first_head_cost=0.0)
+    chosen = choose_operating_point(path, max_accuracy_drop=0.01)
+    assert chosen.accuracy_drop_bound <= 0.01
+    assert chosen.flops_ratio == min(p.flops_ratio for p in path if p.accuracy_drop_bound <= 0.01)
+
+
+def test_latency_costed_calibration_reports_time_and_flops(tiny_data, tiny_weights):
+    dyn = dynconvert.convert(
+        "cifar_resnet20",
+        strategy="early-exit",
+        data=str(tiny_data),
+        model__weights=str(tiny_weights),
+        calibrate__cost="latency",
+        options__fractions=[0.3, 0.6],
+        **TINY_RUN,
+    )
+    calibration = dyn.report["calibration"]
+    assert calibration["cost"] == "latency"
+    table = calibration["latency_table"]
+    assert len(table["segment_ms"]) == dyn.num_exits + 1 and len(table["head_ms"]) == dyn.num_exits
+    assert all(t > 0 for t in table["segment_ms"] + table["head_ms"])
+    chosen = calibration["chosen"]
+    assert chosen["time_ratio"] is not None and 0 < chosen["flops_ratio"] <= 1.0 + 1e-6
+    assert all(p["time_ratio"] is not None for p in calibration["sweep"])
