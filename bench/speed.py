@@ -7,9 +7,11 @@ holds a model). In one process, interleaved image by image (batch 1) and batch b
 (batch 64), on the evaluation split's real images: the static network and the dynamic one.
 Reports the mean time per image (batch 1) and per batch of 64, the time ratio beside the FLOPs
 ratio of the same images, and their quotient (efficiency: 1.0 means every saved FLOP became saved
-time). Both models run in the same memory format: channels-last by default, the faster layout
-for these convolutions on CPU (``--memory-format contiguous`` writes speed-contiguous.json).
-Writes bench/results/speed.json and bench/results/speed.png.
+time). Both models run in the same memory format: PyTorch's default (contiguous) unless
+``--memory-format channels_last`` (written to speed-channels_last.json). Early-exit models are
+also timed in throughput mode (``route_stream``: all images at once, every segment in full
+batches) against the static model over the same images in batches. Writes
+bench/results/speed.json and bench/results/speed.png.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from common import OUT, RESULTS, machine, write_result
 import dynconvert
 from dynconvert.convert.build import build_model
 from dynconvert.convert.data import load_conversion_data, normalize
+from dynconvert.convert.latency import early_exit_latency
 
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -52,6 +55,7 @@ def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: s
         model(x[:batch])
     single = {"static": [], "dynamic": []}
     batched = {"static": [], "dynamic": []}
+    stream = {"static": [], "dynamic": []}
     for _ in range(rounds):
         totals = {"static": 0.0, "dynamic": 0.0}
         for i in range(len(x)):
@@ -67,6 +71,9 @@ def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: s
                 totals[key] += timed(model, x[i : i + batch])
         for key in totals:
             batched[key].append(totals[key] / n_batches * 1e3)
+        if hasattr(dyn, "route_stream"):  # throughput mode: every segment in full batches
+            stream["static"].append(sum(timed(static, x[i : i + batch]) for i in range(0, len(x), batch)) * 1e3)
+            stream["dynamic"].append(timed(lambda images: dyn.route_stream(images, batch), x) * 1e3)
     result = {
         "model_dir": str(folder),
         "strategy": dyn.recipe.strategy,
@@ -78,7 +85,10 @@ def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: s
         "memory_format": memory_format,
         "flops_ratio": flops_ratio,
     }
-    for name, times in (("batch1", single), (f"batch{batch}", batched)):
+    measured = [("batch1", single), (f"batch{batch}", batched)]
+    if stream["dynamic"]:
+        measured.append((f"stream{batch}", stream))
+    for name, times in measured:
         s, d = statistics.median(times["static"]), statistics.median(times["dynamic"])
         ratio = d / s
         result[name] = {
@@ -89,6 +99,14 @@ def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: s
             "time_ratio": ratio,
             "time_ratio_over_flops_ratio": ratio / flops_ratio,
             "efficiency": flops_ratio / ratio,
+        }
+    if hasattr(dyn, "segment_flops") and len(dyn.segments) == len(dyn.segment_flops):
+        # where the time goes at batch 1: FLOP rate of each backbone segment
+        segment_s, head_s = early_exit_latency(dyn, x[:8])
+        result["segments_batch1"] = {
+            "segment_ms": (segment_s * 1e3).tolist(),
+            "segment_gflops_per_s": [f / s / 1e9 for f, s in zip(dyn.segment_flops, segment_s.tolist())],
+            "head_and_decision_ms": (head_s * 1e3).tolist(),
         }
     return result
 
@@ -130,7 +148,7 @@ def main() -> None:
     parser.add_argument(
         "--memory-format",
         choices=list(FORMATS),
-        default="channels_last",
+        default="contiguous",
         help="layout of images and conv weights, the same for the static and the dynamic model",
     )
     args = parser.parse_args()
@@ -144,7 +162,7 @@ def main() -> None:
             f"{result['batch1']['time_ratio']:.3f}, batch {args.batch} {result[f'batch{args.batch}']['time_ratio']:.3f}"
         )
     gpu = "measured" if torch.cuda.is_available() else "not measured: no GPU on this machine"
-    name = "speed" if args.memory_format == "channels_last" else f"speed-{args.memory_format}"
+    name = "speed" if args.memory_format == "contiguous" else f"speed-{args.memory_format}"
     write_result(name, {"machine": machine(), "gpu": gpu, "memory_format": args.memory_format, "results": results})
     plot(results, RESULTS / f"{name}.png", args.batch)
 

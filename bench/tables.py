@@ -48,21 +48,30 @@ def block_skip(data: dict) -> str:
 
 def speed(data: dict) -> str:
     rows = [
-        "| model folder | FLOPs ratio | time ratio, batch 1 | "
-        "time/FLOPs, batch 1 | time ratio, batch 64 | time/FLOPs, batch 64 | static ms (batch 1 / 64) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| model folder | FLOPs ratio | time ratio, batch 1 | time/FLOPs, batch 1 | time ratio, batch 64 | "
+        "time/FLOPs, batch 64 | time ratio, stream of 64s | time/FLOPs, stream | static ms (batch 1 / 64) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in data["results"]:
-        b1, b64 = r["batch1"], r["batch64"]
+        b1, b64, stream = r["batch1"], r["batch64"], r.get("stream64")
+        streamed = (
+            f"{stream['time_ratio']:.3f} | {stream['time_ratio_over_flops_ratio']:.2f}" if stream else "n/a | n/a"
+        )
         rows.append(
             f"| {Path(r['model_dir']).name} | {r['flops_ratio']:.3f} | {b1['time_ratio']:.3f} | "
             f"{b1['time_ratio_over_flops_ratio']:.2f} | {b64['time_ratio']:.3f} | "
-            f"{b64['time_ratio_over_flops_ratio']:.2f} | {b1['static_ms']:.2f} / {b64['static_ms']:.1f} |"
+            f"{b64['time_ratio_over_flops_ratio']:.2f} | {streamed} | {b1['static_ms']:.2f} / {b64['static_ms']:.1f} |"
         )
     return "\n".join(rows)
 
 
-RENDER = {"early_exit": early_exit, "skipnet": block_skip, "blockdrop": block_skip, "speed": speed}
+RENDER = {
+    "early_exit": early_exit,
+    "skipnet": block_skip,
+    "blockdrop": block_skip,
+    "speed": speed,
+    "speed-channels_last": speed,
+}
 
 
 def main() -> None:

@@ -175,6 +175,26 @@ def test_mixed_exits_batched_equals_per_sample(small_dyn, criterion):
     assert_close(batched.logits, torch.cat([s.logits for s in single]), **LOOSE)
 
 
+@pytest.mark.parametrize("batch_size", [3, 16, 64])
+def test_stream_mode_equals_per_sample_routing(small_dyn, batch_size):
+    """route_stream regroups the samples still in into full batches: same logits and exits as alone."""
+    dyn, _ = small_dyn
+    x = torch.randn(16, 3, 32, 32)
+    dyn.dyn.thresholds.copy_(_thresholds_for_mixed_exits(dyn, x))
+    calls = count_calls(dyn)
+    with torch.no_grad():
+        streamed = dyn.route_stream(x, batch_size=batch_size)
+    # 16 samples in, 8 leave at exit 0 and 4 at exit 1: each segment runs in batches of at most batch_size
+    assert sum(calls["segment1"]) == 8 and sum(calls["segment2"]) == 4
+    if batch_size >= 8:
+        assert calls["segment1"] == [8], "the 8 samples still in run as one batch"
+    assert all(n <= batch_size for n in calls["segment0"] + calls["segment1"] + calls["segment2"])
+    with torch.no_grad():
+        single = [dyn.route(x[i : i + 1]) for i in range(len(x))]
+    assert streamed.exits.tolist() == [int(s.exits) for s in single]
+    assert_close(streamed.logits, torch.cat([s.logits for s in single]), **LOOSE)
+
+
 def test_mixed_exits_match_the_all_exits_reference(small_dyn):
     """route(x) equals computing every exit (forward_all) and taking the first confident one."""
     dyn, _ = small_dyn

@@ -109,6 +109,44 @@ class EarlyExitModel(nn.Module):
         logits_out[remaining] = final
         return Routed(logits_out, exits)
 
+    def route_stream(self, x: torch.Tensor, batch_size: int = 64) -> Routed:
+        """Throughput mode for many inputs at once: every segment runs in full batches.
+
+        In :meth:`route`, the samples still in after a few exits form ever smaller batches,
+        and small batches cost more per sample. Here all of ``x`` goes through segment 0 in
+        batches of ``batch_size``; the samples that stay are batched again for segment 1, and
+        so on, so each segment sees full batches (but the last). Per sample, logits and exits
+        are those of :meth:`route`. Memory: one segment's output for every sample still in.
+        """
+        thresholds = self.dyn.thresholds.tolist()
+        temperatures = self.dyn.temperatures.tolist()
+        n = x.shape[0]
+        exits = torch.full((n,), self.num_exits, dtype=torch.long, device=x.device)
+        remaining = torch.arange(n, device=x.device)
+        logits_out: torch.Tensor | None = None
+        h = x
+        for k in range(self.num_exits + 1):
+            h = _in_batches(self.segments[k], h, batch_size)
+            if k == self.num_exits:
+                break
+            if thresholds[k] > 1.0:
+                continue
+            logits = _in_batches(self.dyn.exits[k], h, batch_size)
+            if logits_out is None:
+                logits_out = logits.new_empty((n, logits.shape[1]))
+            leave = confidence(logits / temperatures[k], self.criterion) >= thresholds[k]
+            leaving = remaining[leave]
+            logits_out[leaving] = logits[leave]
+            exits[leaving] = k
+            stay = ~leave
+            remaining, h = remaining[stay], h[stay]
+            if remaining.numel() == 0:
+                return Routed(logits_out, exits)
+        if logits_out is None:
+            return Routed(h, exits)
+        logits_out[remaining] = h
+        return Routed(logits_out, exits)
+
     def _route_single(self, x: torch.Tensor, thresholds: list[float], temperatures: list[float]) -> Routed:
         h = x
         for k in range(self.num_exits):
@@ -166,3 +204,10 @@ class EarlyExitModel(nn.Module):
     def static_flops(self) -> float:
         """FLOPs per sample of the original network (all segments, no heads)."""
         return float(sum(self.segment_flops))
+
+
+def _in_batches(module: nn.Module, h: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``module`` over ``h`` in consecutive batches of ``batch_size``, concatenated."""
+    if h.shape[0] <= batch_size:
+        return module(h)
+    return torch.cat([module(part) for part in h.split(batch_size)])
