@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.testing import assert_close
@@ -114,3 +115,10 @@ def test_save_load_round_trip(prepare_early_exit, tmp_path):
         a, b = dyn.route(x), loaded.route(x)
     assert torch.equal(a.exits, b.exits)
     assert_close(a.logits, b.logits, rtol=0, atol=0)
+
+
+def test_onnx_export_refuses_the_hooked_form_with_a_clear_error(prepare_early_exit, tmp_path):
+    dyn, _ = _prepared(prepare_early_exit)
+    with pytest.raises(dynconvert.DynconvertError, match="feature_info fallback"):
+        dynconvert.export_onnx(dyn, tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()

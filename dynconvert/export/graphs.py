@@ -9,9 +9,11 @@ import copy
 import torch
 from torch import nn
 
+from dynconvert.errors import DynconvertError
 from dynconvert.runtime.block_skip import BlockSkipModel
 from dynconvert.runtime.confidence import confidence
 from dynconvert.runtime.early_exit import EarlyExitModel
+from dynconvert.runtime.stage_exits import StageExitModel
 
 FORMS = ("gather", "cond")
 
@@ -221,8 +223,18 @@ class BlockSkipGraph(nn.Module):
 DEFAULT_FORMS = {EarlyExitModel: "gather", BlockSkipModel: "cond"}
 
 
+def check_exportable(dyn: nn.Module) -> None:
+    """Raise a ``DynconvertError`` for dynamic models that have no ONNX form."""
+    if isinstance(dyn, StageExitModel):
+        raise DynconvertError(
+            "this early-exit model hangs its exits on forward hooks (the feature_info fallback: its "
+            "graph could not be cut into segments), and hooks cannot be exported to ONNX"
+        )
+
+
 def export_graph(dyn: nn.Module, example: torch.Tensor, form: str | None = None) -> nn.Module:
     """The export-friendly module of a dynamic model; ``form`` None picks the strategy's default."""
+    check_exportable(dyn)
     for kind, default in DEFAULT_FORMS.items():
         if isinstance(dyn, kind):
             graph_class = EarlyExitGraph if kind is EarlyExitModel else BlockSkipGraph

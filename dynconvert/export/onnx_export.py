@@ -15,7 +15,7 @@ from torch import nn
 
 from dynconvert.errors import DynconvertError
 from dynconvert.export.check import check_batches, check_onnx
-from dynconvert.export.graphs import export_graph
+from dynconvert.export.graphs import check_exportable, export_graph
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 4096
@@ -50,6 +50,7 @@ def export_onnx(
 
     Example: ``dynconvert.export_onnx(dynconvert.load("out/"), "out/model.onnx")``
     """
+    check_exportable(dyn)
     path = Path(path)
     report_path = check_path(path)
     for existing in (path, report_path):
