@@ -65,12 +65,32 @@ def speed(data: dict) -> str:
     return "\n".join(rows)
 
 
+def export(data: dict) -> str:
+    rows = [
+        "| model folder | FLOPs ratio | form | time ratio, batch 1 | time/FLOPs, batch 1 | time ratio, batch 64 "
+        "| check: max logit diff, decisions |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in data["results"]:
+        for form in ("gather", "cond"):
+            b1, b64, check = r["batch1"][form], r["batch64"][form], r["check"][form]
+            label = f"{form} (default)" if form == r["default_form"] else form
+            decisions = "identical" if check["decisions_identical"] else "DIFFER"
+            rows.append(
+                f"| {Path(r['model_dir']).name} | {r['flops_ratio']:.3f} | {label} | {b1['time_ratio']:.3f} | "
+                f"{b1['time_ratio_over_flops_ratio']:.3f} | {b64['time_ratio']:.3f} | "
+                f"{check['max_abs_logit_diff']:.1e}, {decisions} |"
+            )
+    return "\n".join(rows)
+
+
 RENDER = {
     "early_exit": early_exit,
     "skipnet": block_skip,
     "blockdrop": block_skip,
     "speed": speed,
     "speed-channels_last": speed,
+    "export": export,
 }
 
 
