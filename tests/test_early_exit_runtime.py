@@ -220,3 +220,31 @@ def test_exit_points_chosen_by_module_name(prepare_early_exit):
     assert dyn.plan["exit_modules"] == ["layer1.2", "layer2.0"]
     fractions = dyn.plan["exit_flops_fractions"]
     assert 0 < fractions[0] < fractions[1] < 1
+
+
+def test_eval_forward_runs_in_inference_mode(small_dyn):
+    """A converted model in eval mode keeps no autograd state, whatever the caller's grad mode."""
+    dyn, _ = small_dyn
+    dyn.eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = dyn(x)
+    assert out.is_inference() and not out.requires_grad
+    dyn.train()
+    try:
+        assert not dyn(x).is_inference(), "training mode keeps autograd"
+    finally:
+        dyn.eval()
+
+
+def test_runs_under_torch_compile(small_dyn):
+    """Graph breaks at each decision, same outputs (aot_eager: no C++ compiler needed)."""
+    dyn, _ = small_dyn
+    x = torch.randn(6, 3, 32, 32)
+    dyn.dyn.thresholds.copy_(_thresholds_for_mixed_exits(dyn, torch.randn(16, 3, 32, 32)))
+    expected, expected_exits = dyn(x), dyn.last_exits
+    torch._dynamo.reset()
+    compiled = torch.compile(dyn, backend="aot_eager")
+    assert_close(compiled(x), expected, **TIGHT)
+    assert torch.equal(dyn.last_exits, expected_exits)
+    assert_close(compiled(x[:1]), dyn.route(x[:1]).logits, **LOOSE)
+    torch._dynamo.reset()

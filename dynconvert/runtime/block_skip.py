@@ -112,7 +112,9 @@ class BlockSkipModel(nn.Module):
         return base + kept.to(dtype) @ savings
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        decisions = self.route(x)
+        """Logits with blocks skipped (``last_kept`` keeps the decisions); in eval mode, under inference mode."""
+        with torch.inference_mode(not self.training):
+            decisions = self.route(x)
         self.last_kept = decisions.kept
         return decisions.logits
 

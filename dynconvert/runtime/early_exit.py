@@ -69,7 +69,9 @@ class EarlyExitModel(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        routed = self.route(x)
+        """Logits with exits taken (``last_exits`` keeps the exits); in eval mode, under inference mode."""
+        with torch.inference_mode(not self.training):
+            routed = self.route(x)
         self.last_exits = routed.exits
         return routed.logits
 
