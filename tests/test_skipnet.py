@@ -171,3 +171,22 @@ def test_flops_of_a_module_that_views_a_parameter():
     module = Latent()
     assert count_flops(module, torch.randn(3, 4, 8)) == 2 * 4 * 8 * 8
     assert all(p.requires_grad for p in module.parameters())
+
+
+def test_calibration_out_of_budget_keeps_the_most_accurate_point_and_says_so(caplog):
+    """A tuned backbone can miss the budget at every offset: the run keeps going, the report says so."""
+    from dynconvert.convert.data import ImageSplit, Preprocess
+    from dynconvert.strategies.block_skip_common import calibrate_bias
+
+    model, dyn, size = prepared()
+    torch.manual_seed(0)
+    split = ImageSplit(torch.randint(0, 256, (24, 3, size, size), dtype=torch.uint8), torch.arange(24) % 10, "cal")
+    overrides = ["model.pretrained=false", "calibrate.max_accuracy_drop=0"]
+    recipe = build_recipe(None, "cifar_resnet20", "skipnet", overrides)
+    perfect = torch.nn.functional.one_hot(split.labels, 10).float()  # a reference no random network matches
+    with caplog.at_level("WARNING"):
+        result = calibrate_bias(dyn, split, Preprocess.from_model(model), recipe, [-1.0, 0.0, 1.0], perfect)
+    assert result["budget_met"] is False
+    assert "no operating point" in caplog.text
+    best = min(p["accuracy_drop_bound"] for p in result["sweep"])
+    assert result["chosen"]["accuracy_drop_bound"] == best

@@ -3,6 +3,7 @@ training with the backbone frozen, and calibrating one bias on every keep-logit.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -20,6 +21,8 @@ from dynconvert.passes.residual import find_units, full_form, skipped_form
 from dynconvert.runtime.block_skip import BlockSkipModel
 
 ALL_OPEN = 1e4
+
+log = logging.getLogger(__name__)
 
 
 def plan_units(model, recipe, example, exclude: list[str], replay: list[str] | None = None):
@@ -150,9 +153,20 @@ def calibrate_bias(
                 "flops_ratio": float(dyn.sample_flops(kept).mean()) / dyn.static_flops(),
             }
         )
+    budget_met = True
     if cal.max_accuracy_drop is not None:
         feasible = [p for p in sweep if p["accuracy_drop_bound"] <= cal.max_accuracy_drop]
-        chosen = min(feasible, key=lambda p: p["flops_ratio"])
+        if feasible:
+            chosen = min(feasible, key=lambda p: p["flops_ratio"])
+        else:  # a tuned backbone can lose accuracy with every block kept: keep the run, say so
+            chosen, budget_met = min(sweep, key=lambda p: (p["accuracy_drop_bound"], p["flops_ratio"])), False
+            log.warning(
+                "calibrate: no operating point keeps the accuracy drop within %.3f (upper bound) on the "
+                "calibration data; chose the most accurate one (bound %.3f, FLOPs ratio %.3f)",
+                cal.max_accuracy_drop,
+                chosen["accuracy_drop_bound"],
+                chosen["flops_ratio"],
+            )
     else:
         feasible = [p for p in sweep if p["flops_ratio"] <= cal.flops_ratio]
         if not feasible:
@@ -165,6 +179,7 @@ def calibrate_bias(
     return {
         "sweep": sweep,
         "chosen": chosen,
+        "budget_met": budget_met,
         "calibration_static_accuracy": float((static_pred == split.labels).float().mean()),
         "calibration_reference": cal.reference,
     }
