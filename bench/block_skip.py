@@ -4,18 +4,26 @@
     python bench/block_skip.py --strategy blockdrop
 
 "default" is the command with defaults only (the built-in recipe); other variants add one
-``--set`` (``recurrent``: ``options.gate=recurrent``). Fits and calibrates on the train split,
-evaluates on the whole test split. Writes bench/results/STRATEGY.json and each run's report.png.
+``--set`` (``recurrent``: ``options.gate=recurrent``; ``finetune``, for BlockDrop:
+``options.finetune_epochs=1``). Rows of variants not run are kept from the previous results.
+Fits and calibrates on the train split, evaluates on the whole test split. Writes
+bench/results/STRATEGY.json and each run's report.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 
 from common import OUT, RESULTS, SHARED, machine, run_cli, write_result
 
-VARIANTS = {"default": [], "recurrent": ["--set", "options.gate=recurrent"]}
+VARIANTS = {
+    "default": [],
+    "recurrent": ["--set", "options.gate=recurrent"],
+    # BlockDrop: the curriculum, then one epoch of joint fine-tuning of the policy and the backbone
+    "finetune": ["--set", "options.finetune_epochs=1"],
+}
 
 
 def row(variant: str, command: list[str], report: dict, seconds: float) -> dict:
@@ -64,6 +72,10 @@ def main() -> None:
             f"{100 * report['dynamic']['accuracy']:.2f}%, FLOPs ratio {report['flops_ratio']:.3f}, "
             f"{seconds / 60:.1f} min"
         )
+    previous = RESULTS / f"{args.strategy}.json"
+    if previous.is_file():  # keep the rows of variants not run this time
+        ran = {r["variant"] for r in rows}
+        rows = [r for r in json.loads(previous.read_text())["runs"] if r["variant"] not in ran] + rows
     write_result(args.strategy, {"machine": machine(), "data": args.data, "runs": rows})
 
 
