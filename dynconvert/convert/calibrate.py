@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from dynconvert.errors import DynconvertError
 from dynconvert.runtime.confidence import confidence
+from dynconvert.runtime.early_exit import exit_cost_table  # noqa: F401  (part of this module's API)
 
 # the accuracy drop must stay within budget with 95% confidence (one-sided) on the calibration data
 CONFIDENCE_Z = 1.645
@@ -49,20 +50,6 @@ def simulate_exits(conf: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor
     passes = conf >= thresholds[:, None]
     never = torch.full((conf.shape[1],), len(thresholds), dtype=torch.long)
     return torch.where(passes.any(0), passes.float().argmax(0).long(), never)
-
-
-def exit_cost_table(segment_costs: torch.Tensor, head_costs: torch.Tensor, enabled: torch.Tensor) -> torch.Tensor:
-    """Cost of leaving at each exit (the last entry: running to the end), when only ``enabled``
-    heads are computed: a head whose threshold no sample can reach is never run.
-
-    Args:
-        segment_costs: (exits + 1,) cost of each backbone segment.
-        head_costs: (exits,) cost of computing each head and its decision.
-        enabled: (exits,) bool, which heads run.
-    """
-    segments = torch.cumsum(segment_costs.double(), 0)
-    heads = torch.cumsum(head_costs.double() * enabled.double(), 0)
-    return torch.cat([segments[:-1] + heads, segments[-1:] + heads[-1:]])
 
 
 def threshold_sweep(

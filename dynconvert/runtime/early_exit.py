@@ -57,16 +57,19 @@ class EarlyExitModel(nn.Module):
     def num_exits(self) -> int:
         return len(self.dyn.exits)
 
-    def exit_costs(self) -> torch.Tensor:
-        """FLOPs per sample of leaving at exit k (k = num_exits: the full network), counting the
-        heads that run: those whose threshold can be reached (at most 1)."""
-        from dynconvert.convert.calibrate import exit_cost_table
-
-        return exit_cost_table(
+    def flops_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(FLOPs per sample of each segment, of each head), float64: the cost table."""
+        return (
             torch.tensor(self.segment_flops, dtype=torch.float64),
             torch.tensor(self.head_flops, dtype=torch.float64),
-            self.dyn.thresholds.detach().cpu() <= 1.0,
         )
+
+    def exit_costs(self, thresholds: torch.Tensor | None = None) -> torch.Tensor:
+        """FLOPs per sample of leaving at exit k (k = num_exits: the full network), counting the
+        heads that run: those whose threshold (``thresholds``, default the model's own) can be
+        reached (at most 1)."""
+        thresholds = self.dyn.thresholds if thresholds is None else thresholds
+        return exit_cost_table(*self.flops_table(), thresholds.detach().cpu() <= 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits with exits taken (``last_exits`` keeps the exits); in eval mode, under inference mode."""
@@ -213,3 +216,17 @@ def _in_batches(module: nn.Module, h: torch.Tensor, batch_size: int) -> torch.Te
     if h.shape[0] <= batch_size:
         return module(h)
     return torch.cat([module(part) for part in h.split(batch_size)])
+
+
+def exit_cost_table(segment_costs: torch.Tensor, head_costs: torch.Tensor, enabled: torch.Tensor) -> torch.Tensor:
+    """Cost of leaving at each exit (the last entry: running to the end), when only ``enabled``
+    heads are computed: a head whose threshold no sample can reach is never run.
+
+    Args:
+        segment_costs: (exits + 1,) cost of each backbone segment.
+        head_costs: (exits,) cost of computing each head and its decision.
+        enabled: (exits,) bool, which heads run.
+    """
+    segments = torch.cumsum(segment_costs.double(), 0)
+    heads = torch.cumsum(head_costs.double() * enabled.double(), 0)
+    return torch.cat([segments[:-1] + heads, segments[-1:] + heads[-1:]])

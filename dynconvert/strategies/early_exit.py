@@ -18,7 +18,6 @@ import torch
 from dynconvert.convert.calibrate import (
     choose_operating_point,
     exit_confidences,
-    exit_cost_table,
     fit_temperature,
     simulate_exits,
     threshold_sweep,
@@ -130,13 +129,7 @@ class EarlyExit(Strategy):
         if exit_nodes is None:
             chosen = choose_points(candidates, config)
         else:
-            by_node = {p.node: p for p in candidates}
-            unknown = [n for n in exit_nodes if n not in by_node]
-            if unknown:
-                raise DynconvertError(
-                    f"saved exit points {', '.join(unknown)} are not in the traced model: it changed since saving"
-                )
-            chosen = [by_node[n] for n in exit_nodes]
+            chosen = _replayed(candidates, exit_nodes, "exit points", "the traced model")
         heads = _heads_for(chosen, num_classes, config)
         gm = insert_exit_heads(gm, [p.node for p in chosen], heads)
         segments = split_at(gm, exit_points_of(gm))
@@ -214,17 +207,24 @@ class EarlyExit(Strategy):
         temperatures = dyn.dyn.temperatures.cpu().tolist()
         conf = exit_confidences(exit_logits, temperatures, recipe.calibrate.criterion)
         preds = torch.stack([lg.argmax(1) for lg in exit_logits] + [final.argmax(1)])
-        segment_flops = torch.tensor(dyn.segment_flops, dtype=torch.float64)
-        head_flops = torch.tensor(dyn.head_flops, dtype=torch.float64)
         columns = torch.arange(len(split))
         points = []
         for p in sweep[:: max(1, len(sweep) // 100)] + [sweep[-1]]:
             thresholds = torch.tensor(p["thresholds"])
-            costs = exit_cost_table(segment_flops, head_flops, thresholds <= 1.0)
+            costs = dyn.exit_costs(thresholds)
             exits = simulate_exits(conf, thresholds)
             acc = (preds[exits, columns] == split.labels).float().mean()
             points.append({"flops_ratio": float(costs[exits].mean()) / dyn.static_flops(), "accuracy": float(acc)})
         return points
+
+
+def _replayed(points: list[CutPoint], saved: list[str], what: str, where: str) -> list[CutPoint]:
+    """The points a saved plan names, in its order; an error when the model no longer has them."""
+    by_node = {p.node: p for p in points}
+    unknown = [n for n in saved if n not in by_node]
+    if unknown:
+        raise DynconvertError(f"saved {what} {', '.join(unknown)} are not in {where}: it changed since saving")
+    return [by_node[n] for n in saved]
 
 
 def _heads_for(points: list[CutPoint], num_classes: int, config: EarlyExitConfig) -> list[ExitHead]:
@@ -253,13 +253,7 @@ def _prepare_on_stages(model, config, example, num_classes, recipe, exit_modules
             )
         chosen = choose_points(points, config)
     else:
-        by_name = {p.node: p for p in points}
-        unknown = [n for n in exit_modules if n not in by_name]
-        if unknown:
-            raise DynconvertError(
-                f"saved exit stages {', '.join(unknown)} are not in the model: it changed since saving"
-            )
-        chosen = [by_name[n] for n in exit_modules]
+        chosen = _replayed(points, exit_modules, "exit stages", "the model")
     heads = _heads_for(chosen, num_classes, config)
     total = count_flops(model, example)
     ends = [p.flops_before for p in chosen]
@@ -290,9 +284,7 @@ def calibrate_exits(dyn: EarlyExitModel, split, prep, recipe) -> dict:
     conf = exit_confidences(exit_logits, temperatures, cal.criterion)
     exit_correct = torch.stack([lg.argmax(1) == reference for lg in exit_logits])
     final_correct = final.argmax(1) == reference
-    segment_flops = torch.tensor(dyn.segment_flops, dtype=torch.float64)
-    head_flops = torch.tensor(dyn.head_flops, dtype=torch.float64)
-    flops_path = threshold_sweep(conf, exit_correct, final_correct, segment_flops, head_flops, dyn.static_flops())
+    flops_path = threshold_sweep(conf, exit_correct, final_correct, *dyn.flops_table(), dyn.static_flops())
     path, cheapest_by, latency = flops_path, "flops_ratio", None
     if cal.cost == "latency":
         if isinstance(dyn, StageExitModel):
@@ -323,12 +315,10 @@ def _latency_sweep(dyn, split, prep, recipe, conf, exit_correct, final_correct) 
         timed = copy.deepcopy(dyn).to(memory_format=torch.channels_last)
     segment_s, head_s = early_exit_latency(timed, images)
     path = threshold_sweep(conf, exit_correct, final_correct, segment_s, head_s, float(segment_s.sum()))
-    segment_flops = torch.tensor(dyn.segment_flops, dtype=torch.float64)
-    head_flops = torch.tensor(dyn.head_flops, dtype=torch.float64)
     for p in path:
         thresholds = torch.tensor(p.thresholds)
         exits = simulate_exits(conf, thresholds)
-        flops = exit_cost_table(segment_flops, head_flops, thresholds <= 1.0)
+        flops = dyn.exit_costs(thresholds)
         p.time_ratio, p.flops_ratio = p.flops_ratio, float(flops[exits].mean()) / dyn.static_flops()
     return {
         "path": path,
