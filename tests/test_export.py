@@ -97,12 +97,39 @@ def test_export_keeps_decisions_and_passes_the_check(case, tmp_path):
     assert json.loads((tmp_path / "m.onnx.check.json").read_text())["passed"]
     assert not list(tmp_path.glob("*.partial"))
 
+    assert _ifs_on_the_batch_of_one_path(tmp_path / "m.onnx") == _live_decisions(dyn)
+
     from dynconvert.export.check import ort_session
 
     session = ort_session(tmp_path / "m.onnx")
     logits, decisions = session.run(None, {"x": x[:5].numpy()})
     assert logits.shape == (5, 3)
     assert (torch.from_numpy(decisions) == record[:5]).all()
+
+
+def _live_decisions(dyn) -> int:
+    if hasattr(dyn.dyn, "thresholds"):
+        return int((dyn.dyn.thresholds <= 1.0).sum())
+    return dyn.num_blocks
+
+
+def _ifs_on_the_batch_of_one_path(path) -> int:
+    """``If`` nodes inside the then-branch of the graph's batch-size ``If``, nested ones included."""
+    import onnx
+
+    def count(graph) -> int:
+        total = 0
+        for node in graph.node:
+            if node.op_type == "If":
+                total += 1
+                total += sum(count(a.g) for a in node.attribute if a.name in ("then_branch", "else_branch"))
+        return total
+
+    model = onnx.load(str(path))
+    top = [n for n in model.graph.node if n.op_type == "If"]
+    assert len(top) == 1, "the graph should branch once on the batch size"
+    then_branch = next(a.g for a in top[0].attribute if a.name == "then_branch")
+    return count(then_branch)
 
 
 def test_a_model_whose_decisions_differ_fails_the_check(tmp_path):

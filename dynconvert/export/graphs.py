@@ -113,10 +113,33 @@ class EarlyExitGraph(nn.Module):
         self.register_buffer("temperatures", torch.tensor([temperatures[k] for k in self.exit_index]))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.heads:
+            return self.stages[0](x), torch.full((x.shape[0],), self.num_exits, dtype=torch.long, device=x.device)
+        return torch.cond(x.shape[0] == 1, self._one_sample, self._batched, (x,))
+
+    def _one_sample(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch of one: each exit is an ``If`` whose other branch holds the rest of the network."""
+        return self._from_stage(0, x)
+
+    def _from_stage(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.stages[i](h)
+        if i == len(self.heads):
+            return h, torch.full((h.shape[0],), self.num_exits, dtype=torch.long, device=h.device)
+        logits = self.heads[i](h)
+        exit_index = self.exit_index[i]
+        return torch.cond(
+            self._leaves(i, logits)[0],
+            lambda h, logits: (
+                logits.clone(),
+                torch.full((h.shape[0],), exit_index, dtype=torch.long, device=h.device),
+            ),
+            lambda h, logits: self._from_stage(i + 1, h),
+            (h, logits),
+        )
+
+    def _batched(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch = x.shape[0]
         exits = torch.full((batch,), self.num_exits, dtype=torch.long, device=x.device)
-        if not self.heads:
-            return self.stages[0](x), exits
         rows = torch.arange(batch, device=x.device)
         out = x.new_zeros((batch, self.num_classes))
         h, rows, out, exits = self._level(0, x, rows, out, exits)
@@ -183,6 +206,16 @@ class BlockSkipGraph(nn.Module):
         self.unit_shapes, _ = _stage_shapes(self.units, example)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not any(self.droppable):
+            return self._run(x, self._block)
+        return torch.cond(
+            x.shape[0] == 1,
+            lambda x: self._run(x, self._one_sample_block),
+            lambda x: self._run(x, self._block),
+            (x,),
+        )
+
+    def _run(self, x: torch.Tensor, block) -> tuple[torch.Tensor, torch.Tensor]:
         state = self.controller.start(x)
         kept, index, h = [], 0, x
         for i, unit in enumerate(self.units):
@@ -193,10 +226,15 @@ class BlockSkipGraph(nn.Module):
             score = logit + self.bias[index]
             kept.append(score >= 0)
             index += 1
-            h = self._block(i, h, score)
+            h = block(i, h, score)
         if not kept:
             return h, x.new_zeros((x.shape[0], 0), dtype=torch.bool)
         return h, torch.stack(kept, 1)
+
+    def _one_sample_block(self, i: int, h: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """Batch of one: a single ``If`` runs the block or its skipped form."""
+        full, skipped = self.units[i], self.skipped_units[i]
+        return torch.cond(score[0] >= 0, lambda h: full(h), lambda h: skipped(h), (h,))
 
     def _block(self, i: int, h: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         full, skipped, shape = self.units[i], self.skipped_units[i], self.unit_shapes[i]
