@@ -48,6 +48,21 @@ TINY_RUN = dict(
 )
 
 
+def convert_tiny(strategy: str, data, weights, out, **kwargs):
+    """A ``cifar_resnet20`` conversion on tiny data with ``TINY_RUN`` settings; ``kwargs`` add recipe keys."""
+    import dynconvert
+
+    return dynconvert.convert(
+        "cifar_resnet20",
+        strategy=strategy,
+        data=str(data),
+        out=out,
+        model__weights=str(weights),
+        **TINY_RUN,
+        **kwargs,
+    )
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     """Every test starts from the same random state."""

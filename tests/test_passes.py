@@ -70,7 +70,7 @@ def test_vit_blocks_are_cut_points():
 
 
 def test_exit_heads_read_channels_last_features():
-    from dynconvert.strategies.early_exit import is_channels_last
+    from dynconvert.passes.analysis import is_channels_last
 
     assert is_channels_last((8, 8, 96))  # Swin between stages: (H, W, C)
     assert not is_channels_last((64, 8, 8))  # a CNN: (C, H, W)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN
+from conftest import TINY_RUN, convert_tiny
 
 import dynconvert
 from dynconvert.cli import main
@@ -29,16 +29,7 @@ UNSTABLE = ("seconds", "latency")
 
 def convert(strategy, data, weights, out, **kwargs):
     overrides, _ = CASES[strategy]
-    return dynconvert.convert(
-        "cifar_resnet20",
-        strategy=strategy,
-        data=str(data),
-        out=out,
-        model__weights=str(weights),
-        **TINY_RUN,
-        **overrides,
-        **kwargs,
-    )
+    return convert_tiny(strategy, data, weights, out, **overrides, **kwargs)
 
 
 def stable_report(out: Path) -> dict:

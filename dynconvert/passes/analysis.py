@@ -100,3 +100,9 @@ def find_cut_points(
             )
         )
     return points if keep_last else [p for p in points if p.flops_fraction < 0.999]
+
+
+def is_channels_last(shape: tuple[int, ...]) -> bool:
+    """Whether a per-sample feature of 3 dimensions is laid out (H, W, C), as timm's Swin and
+    other NHWC models hand it between stages: square in its first two dimensions, not its last two."""
+    return len(shape) == 3 and shape[0] == shape[1] and shape[1] != shape[2]

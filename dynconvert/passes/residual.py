@@ -131,11 +131,30 @@ def _merge_fixed(units: list[Unit]) -> list[Unit]:
     return merged
 
 
-def skipped_form(gm: fx.GraphModule, unit: Unit) -> fx.GraphModule:
-    """The unit with its residual branch removed: the addition returns the shortcut alone."""
+def shortcut_shape(gm: fx.GraphModule, unit: Unit) -> tuple[int, ...] | None:
+    """Per-sample shape of the shortcut operand of a droppable unit's addition (from shape propagation)."""
+    add = next(n for n in gm.graph.nodes if n.name == unit.add_node)
+    meta = add.args[unit.shortcut_operand].meta.get("tensor_meta")
+    return tuple(meta.shape[1:]) if meta is not None else None
+
+
+def skipped_form(gm: fx.GraphModule, unit: Unit, correction: torch.nn.Module | None = None) -> fx.GraphModule:
+    """The unit with its residual branch removed: the addition returns the shortcut alone, or,
+    with a ``correction`` module, ``shortcut + correction(shortcut)`` (the module is shared, not copied)."""
     segment = extract_segment(gm, unit.start, unit.end)
     add = next(n for n in segment.graph.nodes if n.name == unit.add_node)
     shortcut = add.args[unit.shortcut_operand]
+    if correction is not None:
+        segment.add_submodule("skip_correction", correction)
+        with segment.graph.inserting_before(add):
+            corrected = segment.graph.call_module("skip_correction", (shortcut,))
+        args = list(add.args)
+        args[1 - unit.shortcut_operand] = corrected
+        add.args = tuple(args)
+        segment.graph.eliminate_dead_code()
+        segment.graph.lint()
+        segment.recompile()
+        return segment
     if _feeds_in_place_op(segment, add):
         # the addition made a fresh tensor; without it an in-place activation would overwrite the
         # unit's input (which the full form may still need, as in training)

@@ -64,6 +64,7 @@ class BlockSkipModel(nn.Module):
     Args:
         full: every unit as it is in the network.
         skipped: the same unit without its residual branch, or None for fixed units.
+        corrections: per unit index, the skip correction its skipped form calls (optional).
         full_flops / skipped_flops: FLOPs per sample of each form (the cost table).
         controller: a ``DynModule`` with ``start(x) -> state`` and
             ``decide(index, h, state) -> (keep_logit, state)``; gates (SkipNet) or a policy
@@ -72,7 +73,16 @@ class BlockSkipModel(nn.Module):
     A block runs when ``keep_logit + dyn.bias[index] >= 0``; ``dyn.bias`` is fitted by calibration.
     """
 
-    def __init__(self, full, skipped, full_flops, skipped_flops, controller: nn.Module, controller_flops: float):
+    def __init__(
+        self,
+        full,
+        skipped,
+        full_flops,
+        skipped_flops,
+        controller: nn.Module,
+        controller_flops: float,
+        corrections: dict[int, nn.Module] | None = None,
+    ):
         super().__init__()
         self.units = nn.ModuleList(full)
         self.skipped_units = nn.ModuleList(s if s is not None else nn.Identity() for s in skipped)
@@ -83,11 +93,21 @@ class BlockSkipModel(nn.Module):
         self.dyn = nn.Module()
         self.dyn.controller = controller
         self.dyn.register_buffer("bias", torch.zeros(self.num_blocks))
+        if corrections:
+            # the skipped forms call these same modules; under dyn. they are trained and saved
+            self.dyn.corrections = nn.ModuleDict({str(i): m for i, m in corrections.items()})
         self.last_kept: torch.Tensor | None = None
 
     @property
     def num_blocks(self) -> int:
         return sum(self.droppable)
+
+    def inserted_parameters(self) -> list[nn.Parameter]:
+        """What training learns: the controller's parameters and the skip corrections'."""
+        params = list(self.dyn.controller.parameters())
+        if hasattr(self.dyn, "corrections"):
+            params += list(self.dyn.corrections.parameters())
+        return params
 
     def static_flops(self) -> float:
         """FLOPs per sample of the original network."""

@@ -16,11 +16,13 @@ from dynconvert.convert.costs import count_flops, node_flops
 from dynconvert.convert.trace import trace
 from dynconvert.convert.train import batches, check_finite, distillation_loss, freeze, map_batches, train_batches
 from dynconvert.errors import DynconvertError
-from dynconvert.passes.analysis import single_live_nodes
-from dynconvert.passes.residual import find_units, full_form, skipped_form
+from dynconvert.passes.analysis import is_channels_last, single_live_nodes
+from dynconvert.passes.residual import find_units, full_form, shortcut_shape, skipped_form
 from dynconvert.runtime.block_skip import BlockSkipModel
+from dynconvert.runtime.corrections import SkipCorrection, correction_rank
 
 ALL_OPEN = 1e4
+SKIP_CORRECTIONS = ("linear", "none")
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +72,21 @@ def _why_no_units(gm) -> str:
     return ""
 
 
-def build_block_skip_model(gm, units, example, make_controller) -> BlockSkipModel:
-    """Full and skipped forms of each unit, their FLOPs, and the controller, as a runtime model."""
+def build_block_skip_model(gm, units, example, make_controller, skip_correction: str = "none") -> BlockSkipModel:
+    """Full and skipped forms of each unit, their FLOPs, and the controller, as a runtime model.
+
+    ``skip_correction="linear"`` gives each skipped form a learned correction in place of the
+    residual branch (:class:`SkipCorrection`; its FLOPs count in the skipped form's).
+    """
     full, skipped, full_flops, skipped_flops, input_shapes = [], [], [], [], []
+    corrections = {}
     h = example
-    for unit in units:
+    for i, unit in enumerate(units):
         f = full_form(gm, unit)
-        s = skipped_form(gm, unit) if unit.droppable else None
+        if unit.droppable and skip_correction == "linear":
+            branch_flops = count_flops(f, h) - count_flops(skipped_form(gm, unit), h)
+            corrections[i] = _correction_for(gm, unit, branch_flops)
+        s = skipped_form(gm, unit, corrections.get(i)) if unit.droppable else None
         full_flops.append(count_flops(f, h))
         skipped_flops.append(count_flops(s, h) if s is not None else 0.0)
         if s is not None:
@@ -86,7 +96,7 @@ def build_block_skip_model(gm, units, example, make_controller) -> BlockSkipMode
         with torch.no_grad():
             h = f(h)
     controller = make_controller(input_shapes)
-    dyn = BlockSkipModel(full, skipped, full_flops, skipped_flops, controller, 0.0)
+    dyn = BlockSkipModel(full, skipped, full_flops, skipped_flops, controller, 0.0, corrections)
     with torch.no_grad():
         dyn.dyn.bias.fill_(1e4)
         dyn.controller_flops = count_flops(dyn.route, example) - dyn.static_flops()
@@ -98,6 +108,16 @@ def build_block_skip_model(gm, units, example, make_controller) -> BlockSkipMode
         "controller_flops": dyn.controller_flops,
     }
     return dyn.eval()
+
+
+def _correction_for(gm, unit, branch_flops: float) -> SkipCorrection:
+    shape = shortcut_shape(gm, unit)
+    if shape is None:
+        raise DynconvertError(
+            f"no shape is known for the shortcut of block {unit.name}; set options.skip_correction=none"
+        )
+    channels_last = is_channels_last(shape)
+    return SkipCorrection(shape, channels_last, correction_rank(shape, channels_last, branch_flops))
 
 
 def expected_flops_ratio(dyn: BlockSkipModel, probs: torch.Tensor) -> torch.Tensor:
@@ -235,10 +255,14 @@ def train_relaxed(
     cfg = recipe.train
     checkpointer = checkpointer or Checkpointer.disabled()
     backbone_params = freeze(dyn.units, tune) + freeze(dyn.skipped_units, tune)
+    inserted = dyn.inserted_parameters()
+    for param in inserted:  # the skipped forms share the corrections, which freezing just froze
+        param.requires_grad_(True)
+    backbone_params = [p for p in backbone_params if all(p is not q for q in inserted)]
     teacher = teacher_logits(dyn, data.fit, prep, recipe, checkpointer)
     controller = dyn.dyn.controller
     controller.train()
-    groups = [{"params": list(controller.parameters()), "lr": cfg.lr}]
+    groups = [{"params": inserted, "lr": cfg.lr}]
     if backbone_params:
         groups.append({"params": backbone_params, "lr": cfg.backbone_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)

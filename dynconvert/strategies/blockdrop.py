@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dynconvert.errors import DynconvertError
-from dynconvert.recipe import _check_range
+from dynconvert.recipe import _check_choice, _check_range
 from dynconvert.runtime.policy import STEM_STRIDES, PolicyNetwork
 from dynconvert.strategies import block_skip_common as common
 from dynconvert.strategies.blockdrop_training import finetune_jointly, own_tuned_units, train_policy
@@ -31,6 +31,9 @@ class BlockDropConfig:
     where needed to decide every block by the last stage; 0: just that many). ``finetune_epochs``/``finetune_lr``/
     ``finetune_modules``: joint fine-tuning (0 epochs: off; policy learning rate; backbone
     module name prefixes to tune, empty: all; their learning rate is ``train.backbone_lr``).
+    ``skip_correction``: what a dropped block leaves in its place: ``linear``, a learned
+    per-position linear map of the shortcut (trained by self-distillation while the policy
+    learns), or ``none``, the shortcut alone.
     """
 
     input_size: int = 16
@@ -45,6 +48,7 @@ class BlockDropConfig:
     finetune_epochs: int = 0
     finetune_lr: float = 1e-4
     finetune_modules: list[str] = field(default_factory=list)
+    skip_correction: str = "linear"
     exclude: list[str] = field(default_factory=list)
     calibration_offsets: list[float] = field(
         default_factory=lambda: [-2.0, -1.5, -1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
@@ -52,6 +56,7 @@ class BlockDropConfig:
 
     def validate(self) -> None:
         _check_range("options.input_size", self.input_size, 4, None)
+        _check_choice("options.skip_correction", self.skip_correction, common.SKIP_CORRECTIONS)
         if not self.widths:
             raise DynconvertError("recipe key 'options.widths' must name at least one width")
         for width in self.widths:
@@ -95,7 +100,7 @@ class BlockDrop(Strategy):
                 stem_stride=config.stem_stride,
             ).eval()
 
-        dyn = common.build_block_skip_model(gm, units, example, make_policy)
+        dyn = common.build_block_skip_model(gm, units, example, make_policy, config.skip_correction)
         if tuned:
             own_tuned_units(dyn, tuned)
             dyn.plan["replay"]["tuned"] = sorted(set(tuned))

@@ -63,8 +63,10 @@ def own_tuned_units(dyn: BlockSkipModel, indices: list[int]) -> None:
     """Give ``dyn`` its own copies of the units at ``indices`` (full and skipped forms sharing
     modules), so tuning them leaves the original network as it was, and register them under
     ``dyn.tuned`` so they are saved."""
+    # skip corrections are dyn's already: the copies keep calling the same ones
+    shared = {id(m): m for m in dyn.dyn.corrections.values()} if hasattr(dyn.dyn, "corrections") else {}
     for i in sorted(set(indices)):
-        dyn.units[i], dyn.skipped_units[i] = copy.deepcopy((dyn.units[i], dyn.skipped_units[i]))
+        dyn.units[i], dyn.skipped_units[i] = copy.deepcopy((dyn.units[i], dyn.skipped_units[i]), dict(shared))
     dyn.register_tuned_units(indices)
 
 
@@ -131,7 +133,8 @@ def train_policy(
     dyn: BlockSkipModel, data, prep, recipe, config, checkpointer: Checkpointer | None = None
 ) -> list[dict]:
     """Curriculum policy learning, backbone frozen: at stage t only the last blocks of
-    ``curriculum_schedule`` are decided by the policy, the earlier ones kept.
+    ``curriculum_schedule`` are decided by the policy, the earlier ones kept. Skip corrections,
+    where the model has them, learn at the same time by self-distillation on the sampled runs.
 
     Adam at ``train.lr`` (constant, as in the paper) for ``train.epochs`` epochs of
     ``train.batch_size``; returns one record per epoch. ``checkpointer`` saves the state
@@ -151,17 +154,28 @@ def train_policy(
     schedule = curriculum_schedule(k, stages, config.curriculum_blocks_per_stage) if config.curriculum else [k]
     controller = dyn.dyn.controller
     controller.train()
-    optimizer = torch.optim.Adam(controller.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    corrections = list(dyn.dyn.corrections.parameters()) if hasattr(dyn.dyn, "corrections") else []
+    for param in corrections:  # shared with the skipped forms, which freezing just froze
+        param.requires_grad_(True)
+    teacher = common.teacher_logits(dyn, data.fit, prep, recipe, checkpointer) if corrections else None
+    params = list(controller.parameters()) + corrections
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(recipe.seed)
     progress = checkpointer.begin("policy", cfg.epochs, dyn, optimizer, None, generator)
-    step_fn = distributed.wrap_step(
-        list(controller.parameters()),
-        lambda images, labels, mask: reinforce_step(dyn, images, labels, config, mask),
-    )
+
+    def step(images, labels, mask, index):
+        # the corrections learn, by self-distillation, to stand in for the blocks the sampled policy drops
+        loss, out, stats = reinforce_step(dyn, images, labels, config, mask, backbone_grad=bool(corrections))
+        if corrections:
+            target = teacher[index].to(images.device)
+            loss = loss + distillation_loss(out, labels, target, cfg.distill_temperature, cfg.distill_weight)
+        return loss, out, stats
+
+    step_fn = distributed.wrap_step(params, step, find_unused=bool(corrections))
     with tqdm(total=total, initial=progress.step, desc="train policy", unit="step") as bar:
         for epoch in range(progress.epoch, cfg.epochs):
             order = progress.epoch_order(lambda: torch.randperm(len(data.fit), generator=generator))
-            for images, labels, _, n_global in train_batches(
+            for images, labels, index, n_global in train_batches(
                 data.fit, prep, cfg.batch_size, recipe.device, order, progress.batch
             ):
                 decided = schedule[min(progress.step // stage_steps, len(schedule) - 1)]
@@ -171,7 +185,7 @@ def train_policy(
                 # BatchNorm in the policy needs two samples (on every rank, which step together)
                 if distributed.smallest_shard(n_global) >= 2:
                     mask = decided_mask(k, decided, images.device)
-                    loss, _, stats = step_fn(images, labels, mask)
+                    loss, _, stats = step_fn(images, labels, mask, index)
                     check_finite(loss, f"policy, step {progress.step}")
                     optimizer.zero_grad(set_to_none=True)
                     distributed.scale_loss(loss, len(labels), n_global).backward()
@@ -233,11 +247,14 @@ def finetune_jointly(
             ):
                 param.requires_grad_(True)
                 backbone.append(param)
+    inserted = dyn.inserted_parameters()
+    for param in inserted:
+        param.requires_grad_(True)
     controller = dyn.dyn.controller
     controller.train()
     optimizer = torch.optim.AdamW(
         [
-            {"params": list(controller.parameters()), "lr": config.finetune_lr},
+            {"params": inserted, "lr": config.finetune_lr},
             {"params": backbone, "lr": cfg.backbone_lr},
         ],
         weight_decay=cfg.weight_decay,
@@ -259,7 +276,7 @@ def finetune_jointly(
         return policy_loss + task_loss, task_loss, stats
 
     # a block no sample of a rank's share keeps gets no gradient there
-    step = distributed.wrap_step([*controller.parameters(), *backbone], step, find_unused=True)
+    step = distributed.wrap_step([*inserted, *backbone], step, find_unused=True)
     with tqdm(total=steps, initial=progress.step, desc="fine-tune jointly", unit="step") as bar:
         for epoch in range(progress.epoch, config.finetune_epochs):
             order = progress.epoch_order(lambda: torch.randperm(len(data.fit), generator=generator))

@@ -30,6 +30,7 @@ from dynconvert.convert.trace import trace
 from dynconvert.convert.train import fit_on_cached_features, freeze, map_batches
 from dynconvert.errors import DynconvertError
 from dynconvert.passes import CutPoint, exit_points_of, find_cut_points, insert_exit_heads, split_at
+from dynconvert.passes.analysis import is_channels_last
 from dynconvert.passes.stages import feature_info_modules, stage_points
 from dynconvert.recipe import _check_choice, _check_range
 from dynconvert.runtime.early_exit import EarlyExitModel
@@ -82,12 +83,6 @@ def choose_points(points: list[CutPoint], config: EarlyExitConfig) -> list[CutPo
             chosen[best.node] = best
     order = {p.node: i for i, p in enumerate(points)}
     return sorted(chosen.values(), key=lambda p: order[p.node])
-
-
-def is_channels_last(shape: tuple[int, ...]) -> bool:
-    """Whether a per-sample feature of 3 dimensions is laid out (H, W, C), as timm's Swin and
-    other NHWC models hand it between stages: square in its first two dimensions, not its last two."""
-    return len(shape) == 3 and shape[0] == shape[1] and shape[1] != shape[2]
 
 
 @register_strategy

@@ -3,7 +3,8 @@
 prepare: cut the network into units, find the droppable ones (``shortcut(x) + residual(x)``),
 build each one's skipped form, insert gates (feed-forward per block, or one recurrent gate).
 fit: relaxed training (straight-through, Gumbel noise, cost term towards a FLOPs target,
-self-distillation) with the backbone frozen, then one bias on every gate calibrated to the budget.
+self-distillation) of the gates and the skip corrections with the backbone frozen, then one bias
+on every gate calibrated to the budget.
 """
 
 from __future__ import annotations
@@ -13,18 +14,22 @@ from dataclasses import dataclass, field
 from dynconvert.recipe import _check_choice, _check_range
 from dynconvert.runtime.gates import GATE_KINDS
 from dynconvert.strategies import block_skip_common as common
+from dynconvert.strategies.block_skip_common import SKIP_CORRECTIONS
 from dynconvert.strategies.registry import Strategy, register_strategy
 
 
 @dataclass
 class SkipNetConfig:
-    """Gate kind and size, the training FLOPs target, and blocks never to skip."""
+    """Gate kind and size, the training FLOPs target, what a skipped block leaves in its place
+    (``skip_correction``: ``linear``, a learned per-position linear map of the shortcut, or
+    ``none``, the shortcut alone), and blocks never to skip."""
 
     gate: str = "feedforward"
     gate_hidden: int = 16
     gate_pool: int = 1
     target_flops_ratio: float = 0.6
     cost_weight: float = 30.0
+    skip_correction: str = "linear"
     exclude: list[str] = field(default_factory=list)
     calibration_offsets: list[float] = field(
         default_factory=lambda: [-2.0, -1.5, -1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
@@ -36,6 +41,7 @@ class SkipNetConfig:
         _check_range("options.gate_pool", self.gate_pool, 1, None)
         _check_range("options.target_flops_ratio", self.target_flops_ratio, 0.0, 1.0)
         _check_range("options.cost_weight", self.cost_weight, 0.0, None)
+        _check_choice("options.skip_correction", self.skip_correction, SKIP_CORRECTIONS)
 
 
 @register_strategy
@@ -50,7 +56,11 @@ class SkipNet(Strategy):
         gm, units = common.plan_units(model, recipe, example, config.exclude, blocks)
         gate_class = GATE_KINDS[config.gate]
         return common.build_block_skip_model(
-            gm, units, example, lambda shapes: gate_class(shapes, hidden=config.gate_hidden, pool=config.gate_pool)
+            gm,
+            units,
+            example,
+            lambda shapes: gate_class(shapes, hidden=config.gate_hidden, pool=config.gate_pool),
+            config.skip_correction,
         )
 
     @staticmethod

@@ -1,0 +1,63 @@
+"""Skip corrections: a cheap learned stand-in for the residual branch of a skipped block.
+
+A frozen backbone was trained with every block in place; the layers after a skipped block
+expect its contribution. The correction adds a per-position linear map of the shortcut
+(a 1x1 convolution on (C, H, W) maps, a linear layer on the last dimension of tokens and
+(H, W, C) maps) where the residual branch was: ``shortcut + correction(shortcut)``. It starts
+at zero, so an untrained correction is the plain shortcut, and it costs at most a twelfth of the
+branch it stands in for (full rank on a BasicBlock; factored through fewer channels on the wide
+shortcuts of bottleneck blocks).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dynconvert.runtime.modules import DynModule
+
+
+class SkipCorrection(DynModule):
+    """``correction(shortcut)``, zero at initialisation.
+
+    Args:
+        feature_shape: shape of one sample's shortcut, ``(C, H, W)``, ``(H, W, C)``, ``(T, D)`` or ``(D,)``.
+        channels_last: a 3-dimensional feature is laid out ``(H, W, C)``.
+        rank: None for a full ``C x C`` map; else the map factors through ``rank`` channels
+            (``C -> rank -> C``), for wide features where a full map would cost too much.
+    """
+
+    def __init__(self, feature_shape: tuple[int, ...], channels_last: bool = False, rank: int | None = None):
+        super().__init__()
+        self.conv = len(feature_shape) == 3 and not channels_last
+        channels = feature_shape[0] if self.conv else feature_shape[-1]
+        layer = nn.Conv2d if self.conv else nn.Linear
+
+        def linear(n_in: int, n_out: int, bias: bool = True) -> nn.Module:
+            return layer(n_in, n_out, 1, bias=bias) if self.conv else layer(n_in, n_out, bias=bias)
+
+        if rank is None or rank >= channels:
+            self.map = linear(channels, channels)
+            last = self.map
+        else:
+            self.map = nn.Sequential(linear(channels, rank, bias=False), linear(rank, channels))
+            last = self.map[1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+
+    def forward(self, shortcut: torch.Tensor) -> torch.Tensor:
+        return self.map(shortcut)
+
+
+def correction_rank(feature_shape: tuple[int, ...], channels_last: bool, branch_flops: float) -> int | None:
+    """The rank that keeps a correction within a twelfth of the FLOPs of the branch it stands in
+    for: None (full rank) when a full map fits, else the largest rank that does (at least 1)."""
+    conv = len(feature_shape) == 3 and not channels_last
+    channels = feature_shape[0] if conv else feature_shape[-1]
+    positions = math.prod(feature_shape) // channels
+    budget = branch_flops / 12
+    if 2 * channels * channels * positions <= budget:
+        return None
+    return max(1, int(budget // (4 * channels * positions)))
