@@ -33,15 +33,19 @@ def early_exit(data: dict) -> str:
 def block_skip(data: dict) -> str:
     rows = [
         "| variant | static acc. | dynamic acc. | change | "
-        "FLOPs ratio | blocks used (mean of total) | distinct policies | conversion time |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "FLOPs ratio | blocks used (mean of total) | never run / input-dependent / always run | "
+        "distinct policies | conversion time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in data["runs"]:
+        rates = r.get("block_execution_rate", [])
+        never = sum(rate < 0.01 for rate in rates)
+        always = sum(rate > 0.99 for rate in rates)
         rows.append(
             f"| {r.get('gate') or r.get('variant')} | {100 * r['static_accuracy']:.2f}% | "
             f"{100 * r['dynamic_accuracy']:.2f}% | {r['accuracy_change_points']:+.2f} pt | {r['flops_ratio']:.3f} | "
-            f"{r['blocks_used_mean']:.1f} of {r['blocks_total']} | {r['distinct_policies']} | "
-            f"{r['conversion_seconds'] / 60:.1f} min |"
+            f"{r['blocks_used_mean']:.1f} of {r['blocks_total']} | {never} / {len(rates) - never - always} / {always} | "
+            f"{r['distinct_policies']} | {r['conversion_seconds'] / 60:.1f} min |"
         )
     return "\n".join(rows)
 

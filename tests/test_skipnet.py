@@ -7,7 +7,7 @@ import json
 import pytest
 import timm
 import torch
-from conftest import TINY_RUN
+from conftest import convert_tiny
 from torch.testing import assert_close
 
 import dynconvert
@@ -117,25 +117,30 @@ def test_relaxed_pass_gives_gradients_to_every_gate():
         assert gate[0].weight.grad is not None and gate[0].weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("gate", ["feedforward", "recurrent"])
-def test_tiny_conversion_round_trip(gate, tiny_data, tiny_weights, tmp_path):
+@pytest.mark.parametrize("gate,rl_epochs", [("feedforward", 0), ("recurrent", 0), ("feedforward", 1)])
+def test_tiny_conversion_round_trip(gate, rl_epochs, tiny_data, tiny_weights, tmp_path):
     out = tmp_path / "out"
-    dyn = dynconvert.convert(
-        "cifar_resnet20",
-        strategy="skipnet",
-        data=str(tiny_data),
-        out=out,
-        model__weights=str(tiny_weights),
+    dyn = convert_tiny(
+        "skipnet",
+        tiny_data,
+        tiny_weights,
+        out,
         train__epochs=1,
         options__gate=gate,
+        options__rl_epochs=rl_epochs,
         options__calibration_offsets=[-2.0, 0.0, 2.0],
-        **TINY_RUN,
     )
     report = json.loads((out / "report.json").read_text())
     for key in ("blocks_used_mean", "block_execution_rate", "distinct_policies", "blocks_used_histogram"):
         assert key in report["dynamic"]
     assert 0 < report["flops_ratio"] < 1.01
-    loaded = dynconvert.load(out)
+    history = report["calibration"]["train"]  # the relaxed stage's epoch, then the hybrid RL stage's
+    assert [h.get("phase") for h in history] == [None] + ["hybrid RL"] * rl_epochs
+    assert 0 < history[-1]["flops_ratio"] <= 1.01
+    assert_same_routes(dyn, dynconvert.load(out))
+
+
+def assert_same_routes(dyn, loaded):
     x = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
         a, b = dyn.route(x), loaded.route(x)
@@ -190,3 +195,23 @@ def test_calibration_out_of_budget_keeps_the_most_accurate_point_and_says_so(cap
     assert "no operating point" in caplog.text
     best = min(p["accuracy_drop_bound"] for p in result["sweep"])
     assert result["chosen"]["accuracy_drop_bound"] == best
+
+
+def test_gate_returns_add_the_skip_rewards_still_to_come():
+    from dynconvert.strategies.skipnet_rl import gate_returns
+
+    kept = torch.tensor([[False, False, True], [True, True, True]])
+    returns = gate_returns(torch.tensor([-0.5, -1.0]), kept, torch.tensor([0.1, 0.2, 0.3]), 1.0)
+    assert_close(returns, torch.tensor([[-0.2, -0.3, -0.5], [-1.0, -1.0, -1.0]]))
+
+
+def test_sampled_pass_really_skips_and_scores_its_decisions():
+    _, dyn, size = prepared(gate="feedforward")
+    dyn.dyn.bias.fill_(-1e4)  # every gate closed: every decision sampled as skip, with log-prob 0
+    logits, log_probs, kept = dyn.forward_sampled(torch.randn(3, 3, size, size))
+    assert not kept.any() and log_probs.abs().max() < 1e-3
+    dyn.dyn.bias.zero_()
+    logits, log_probs, kept = dyn.forward_sampled(torch.randn(16, 3, size, size))
+    (logits.sum() + log_probs.sum()).backward()
+    assert dyn.dyn.controller.gates[0][0].weight.grad is not None
+    assert 0 < kept.float().mean() < 1

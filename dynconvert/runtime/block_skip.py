@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -140,20 +141,31 @@ class BlockSkipModel(nn.Module):
 
     def route(self, x: torch.Tensor) -> Decisions:
         """Run with hard decisions; a skipped block does not run for that sample."""
+
+        def hard(logit, unit, skipped, h):
+            keep = logit >= 0
+            return _run_block(unit, skipped, h, keep), keep
+
+        h, kept = self._walk(x, hard)
+        kept_matrix = torch.stack(kept, 1) if kept else x.new_zeros((x.shape[0], 0), dtype=torch.bool)
+        return Decisions(h, kept_matrix)
+
+    def _walk(self, x: torch.Tensor, run_block) -> tuple[torch.Tensor, list]:
+        """Run the units in turn; at each droppable one, the controller's keep-logit (plus
+        ``dyn.bias``) goes to ``run_block(logit, unit, skipped, h) -> (output, record)``.
+        Returns the network's output and the records, one per droppable block."""
         controller = self.dyn.controller
         state = controller.start(x)
-        kept, index, h = [], 0, x
+        records, index, h = [], 0, x
         for unit, skipped, droppable in zip(self.units, self.skipped_units, self.droppable):
             if not droppable:
                 h = unit(h)
                 continue
             logit, state = controller.decide(index, h, state)
-            keep = logit + self.dyn.bias[index] >= 0
-            kept.append(keep)
+            h, record = run_block(logit + self.dyn.bias[index], unit, skipped, h)
+            records.append(record)
             index += 1
-            h = _run_block(unit, skipped, h, keep)
-        kept_matrix = torch.stack(kept, 1) if kept else x.new_zeros((x.shape[0], 0), dtype=torch.bool)
-        return Decisions(h, kept_matrix)
+        return h, records
 
     def route_with(self, x: torch.Tensor, keep: torch.Tensor) -> Decisions:
         """Run with decisions given as a ``(batch, blocks)`` bool matrix; the controller is not used.
@@ -188,25 +200,34 @@ class BlockSkipModel(nn.Module):
         Returns (logits, keep probabilities of shape (batch, blocks)). Gumbel (logistic) noise
         on the logits when ``noise``.
         """
-        controller = self.dyn.controller
-        state = controller.start(x)
-        probs, index, h = [], 0, x
-        for unit, skipped, droppable in zip(self.units, self.skipped_units, self.droppable):
-            if not droppable:
-                h = unit(h)
-                continue
-            logit, state = controller.decide(index, h, state)
-            logit = logit + self.dyn.bias[index]
+
+        def relaxed(logit, unit, skipped, h):
             if noise:
                 u = torch.rand_like(logit).clamp(1e-6, 1 - 1e-6)
                 logit = logit + torch.log(u) - torch.log1p(-u)
             p = torch.sigmoid(logit)
             gate = (p >= 0.5).to(p.dtype) + p - p.detach()
-            probs.append(p)
-            index += 1
             skip_out = skipped(h)
-            h = skip_out + gate.view((-1,) + (1,) * (skip_out.dim() - 1)) * (unit(h) - skip_out)
+            return skip_out + gate.view((-1,) + (1,) * (skip_out.dim() - 1)) * (unit(h) - skip_out), p
+
+        h, probs = self._walk(x, relaxed)
         return h, torch.stack(probs, 1)
+
+    def forward_sampled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """REINFORCE pass: each keep decision is sampled from its gate's keep probability and the
+        network runs with it (skipped blocks really skipped, gradients into what ran).
+
+        Returns (logits, log-probabilities of the sampled decisions and the decisions, both of
+        shape (batch, blocks)).
+        """
+
+        def sampled(logit, unit, skipped, h):
+            keep = torch.bernoulli(torch.sigmoid(logit.detach())).bool()
+            log_prob = torch.where(keep, F.logsigmoid(logit), F.logsigmoid(-logit))
+            return _run_block(unit, skipped, h, keep), (log_prob, keep)
+
+        h, records = self._walk(x, sampled)
+        return h, torch.stack([r[0] for r in records], 1), torch.stack([r[1] for r in records], 1)
 
     def decision_record(self, decisions: Decisions) -> torch.Tensor:
         """What was decided per sample: which blocks ran."""

@@ -236,6 +236,16 @@ def sweep_points_on_split(dyn, split, prep, recipe, sweep: list[dict], points: i
     return out
 
 
+def trainable_parts(dyn: BlockSkipModel, tune: list[str]) -> tuple[list, list]:
+    """Freeze the backbone but the modules named in ``tune``; return (the inserted parameters,
+    the tuned backbone ones), all trainable."""
+    backbone_params = freeze(dyn.units, tune) + freeze(dyn.skipped_units, tune)
+    inserted = dyn.inserted_parameters()
+    for param in inserted:  # the skipped forms share the corrections, which freezing just froze
+        param.requires_grad_(True)
+    return inserted, [p for p in backbone_params if all(p is not q for q in inserted)]
+
+
 def train_relaxed(
     dyn: BlockSkipModel,
     data,
@@ -254,11 +264,7 @@ def train_relaxed(
     """
     cfg = recipe.train
     checkpointer = checkpointer or Checkpointer.disabled()
-    backbone_params = freeze(dyn.units, tune) + freeze(dyn.skipped_units, tune)
-    inserted = dyn.inserted_parameters()
-    for param in inserted:  # the skipped forms share the corrections, which freezing just froze
-        param.requires_grad_(True)
-    backbone_params = [p for p in backbone_params if all(p is not q for q in inserted)]
+    inserted, backbone_params = trainable_parts(dyn, tune)
     teacher = teacher_logits(dyn, data.fit, prep, recipe, checkpointer)
     controller = dyn.dyn.controller
     controller.train()
@@ -280,39 +286,48 @@ def train_relaxed(
             )
             + cost_weight * (cost - target) ** 2
         )
-        return loss, cost
+        return loss, {"flops_ratio": cost.item()}
 
     step = distributed.wrap_step([p for g in groups for p in g["params"]], step, find_unused=bool(backbone_params))
-    with tqdm(total=steps, initial=progress.step, desc="train gates", unit="step") as bar:
-        for epoch in range(progress.epoch, cfg.epochs):
-            order = progress.epoch_order(lambda: torch.randperm(len(data.fit), generator=generator))
-            for images, labels, index, n_global in train_batches(
-                data.fit, prep, cfg.batch_size, recipe.device, order, progress.batch
-            ):
-                loss, cost = step(images, labels, index)
-                check_finite(loss, f"gates, epoch {epoch + 1}")
-                optimizer.zero_grad(set_to_none=True)
-                distributed.scale_loss(loss, len(labels), n_global).backward()
-                optimizer.step()
-                scheduler.step()
-                progress.add(
-                    {"loss": loss.item() * len(labels), "flops_ratio": cost.item() * len(labels), "n": len(labels)}
-                )
-                progress.batch += 1
-                progress.step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", flops=f"{cost.item():.2f}")
-                checkpointer.after_step(progress)
-            totals = distributed.sum_over_ranks(progress.totals)
-            progress.end_epoch(
-                {
-                    "epoch": epoch,
-                    "loss": totals["loss"] / totals["n"],
-                    "flops_ratio": totals["flops_ratio"] / totals["n"],
-                }
-            )
-            checkpointer.end_epoch(progress)
+    run_epochs(step, optimizer, scheduler, progress, checkpointer, data, prep, recipe, cfg.epochs, generator, "gates")
     distributed.broadcast_buffers(controller)
     controller.eval()
     dyn.eval()
     return progress.history
+
+
+def run_epochs(
+    step, optimizer, scheduler, progress, checkpointer, data, prep, recipe, epochs: int, generator, stage: str
+) -> None:
+    """The epochs of a training stage over the fit split, from where ``progress`` stands.
+
+    ``step(images, labels, index) -> (loss, statistics)`` gives the loss and per-sample means
+    (a ``flops_ratio`` among them); each epoch's record holds their means over the epoch, under
+    ``phase: stage`` except for the ``"gates"`` stage. Checkpoints after every step and epoch.
+    """
+    cfg = recipe.train
+    steps = max(1, epochs * math.ceil(len(data.fit) / cfg.batch_size))
+    with tqdm(total=steps, initial=progress.step, desc=f"train {stage}", unit="step") as bar:
+        for epoch in range(progress.epoch, epochs):
+            order = progress.epoch_order(lambda: torch.randperm(len(data.fit), generator=generator))
+            for images, labels, index, n_global in train_batches(
+                data.fit, prep, cfg.batch_size, recipe.device, order, progress.batch
+            ):
+                loss, stats = step(images, labels, index)
+                check_finite(loss, f"{stage}, epoch {epoch + 1}")
+                optimizer.zero_grad(set_to_none=True)
+                distributed.scale_loss(loss, len(labels), n_global).backward()
+                optimizer.step()
+                scheduler.step()
+                n = len(labels)
+                progress.add({"loss": loss.item() * n, **{k: v * n for k, v in stats.items()}, "n": n})
+                progress.batch += 1
+                progress.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", flops=f"{stats['flops_ratio']:.2f}")
+                checkpointer.after_step(progress)
+            totals = distributed.sum_over_ranks(progress.totals)
+            n = max(1, totals["n"])
+            record = {"epoch": epoch} if stage == "gates" else {"phase": stage, "epoch": epoch}
+            progress.end_epoch({**record, **{k: v / n for k, v in totals.items() if k != "n"}})
+            checkpointer.end_epoch(progress)

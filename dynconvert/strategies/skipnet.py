@@ -3,8 +3,8 @@
 prepare: cut the network into units, find the droppable ones (``shortcut(x) + residual(x)``),
 build each one's skipped form, insert gates (feed-forward per block, or one recurrent gate).
 fit: relaxed training (straight-through, Gumbel noise, cost term towards a FLOPs target,
-self-distillation) of the gates and the skip corrections with the backbone frozen, then one bias
-on every gate calibrated to the budget.
+self-distillation) of the gates and the skip corrections with the backbone frozen, optionally
+SkipNet's hybrid RL stage (``skipnet_rl.py``), then one bias on every gate calibrated to the budget.
 """
 
 from __future__ import annotations
@@ -16,13 +16,15 @@ from dynconvert.runtime.gates import GATE_KINDS
 from dynconvert.strategies import block_skip_common as common
 from dynconvert.strategies.block_skip_common import SKIP_CORRECTIONS
 from dynconvert.strategies.registry import Strategy, register_strategy
+from dynconvert.strategies.skipnet_rl import train_hybrid_rl
 
 
 @dataclass
 class SkipNetConfig:
     """Gate kind and size, the training FLOPs target, what a skipped block leaves in its place
     (``skip_correction``: ``linear``, a learned per-position linear map of the shortcut, or
-    ``none``, the shortcut alone), and blocks never to skip."""
+    ``none``, the shortcut alone), the optional hybrid RL stage (``rl_epochs`` > 0; a skipped
+    block earns ``rl_skip_reward`` x its share of the FLOPs), and blocks never to skip."""
 
     gate: str = "feedforward"
     gate_hidden: int = 16
@@ -30,6 +32,8 @@ class SkipNetConfig:
     target_flops_ratio: float = 0.6
     cost_weight: float = 30.0
     skip_correction: str = "linear"
+    rl_epochs: int = 0
+    rl_skip_reward: float = 0.5
     exclude: list[str] = field(default_factory=list)
     calibration_offsets: list[float] = field(
         default_factory=lambda: [-2.0, -1.5, -1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
@@ -42,6 +46,8 @@ class SkipNetConfig:
         _check_range("options.target_flops_ratio", self.target_flops_ratio, 0.0, 1.0)
         _check_range("options.cost_weight", self.cost_weight, 0.0, None)
         _check_choice("options.skip_correction", self.skip_correction, SKIP_CORRECTIONS)
+        _check_range("options.rl_epochs", self.rl_epochs, 0, None)
+        _check_range("options.rl_skip_reward", self.rl_skip_reward, 0.0, None)
 
 
 @register_strategy
@@ -75,6 +81,7 @@ class SkipNet(Strategy):
             recipe.train.tune_backbone,
             checkpointer,
         )
+        history += train_hybrid_rl(dyn, data, prep, recipe, config.rl_epochs, config.rl_skip_reward, checkpointer)
         calibration = common.calibrate_bias(dyn, data.calibration, prep, recipe, config.calibration_offsets)
         return {"train": history, **calibration}
 
