@@ -136,11 +136,14 @@ def test_tiny_conversion_round_trip(gate, rl_epochs, tiny_data, tiny_weights, tm
     assert 0 < report["flops_ratio"] < 1.01
     history = report["calibration"]["train"]  # the relaxed stage's epoch, then the hybrid RL stage's
     assert [h.get("phase") for h in history] == [None] + ["hybrid RL"] * rl_epochs
+    settled = report["calibration"]["settled"]
+    assert sum(len(v) for v in settled.values()) == dyn.num_blocks
     assert 0 < history[-1]["flops_ratio"] <= 1.01
     assert_same_routes(dyn, dynconvert.load(out))
 
 
 def assert_same_routes(dyn, loaded):
+    assert loaded.settled == dyn.settled
     x = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
         a, b = dyn.route(x), loaded.route(x)
@@ -215,3 +218,23 @@ def test_sampled_pass_really_skips_and_scores_its_decisions():
     (logits.sum() + log_probs.sum()).backward()
     assert dyn.dyn.controller.gates[0][0].weight.grad is not None
     assert 0 < kept.float().mean() < 1
+
+
+def test_settled_blocks_follow_their_fixed_decision_without_computing_their_gate(tmp_path):
+    _, dyn, size = prepared(gate="feedforward")
+    n = dyn.num_blocks
+    kept = torch.ones(10, n, dtype=torch.bool)
+    kept[:, 0] = False  # never ran on the calibration data
+    kept[:5, 1] = False  # ran for some
+    dyn.settle(kept)
+    assert dyn.settled == [-1, 0] + [1] * (n - 2)
+    gate_calls, unit_calls = [], []
+    for i, gate in enumerate(dyn.dyn.controller.gates):
+        gate.register_forward_hook(lambda *_, i=i: gate_calls.append(i))
+    first_block = dyn.droppable.index(True)
+    dyn.units[first_block].register_forward_hook(lambda *_: unit_calls.append(1))
+    dyn.dyn.bias.fill_(1e4)  # the gates would keep everything
+    with torch.no_grad():
+        dyn(torch.randn(3, 3, size, size))
+    assert gate_calls == [1] and not unit_calls
+    assert dyn.last_kept[:, 0].logical_not().all() and dyn.last_kept[:, 2:].all()

@@ -202,11 +202,13 @@ class BlockSkipGraph(nn.Module):
         self.skipped_units = frozen_copy(dyn.skipped_units)
         self.controller = frozen_copy(dyn.dyn.controller)
         self.droppable = list(dyn.droppable)
+        self.settled = list(dyn.settled)
+        self.independent = getattr(dyn.dyn.controller, "independent_decisions", False)
         self.register_buffer("bias", dyn.dyn.bias.detach().clone())
         self.unit_shapes, _ = _stage_shapes(self.units, example)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not any(self.droppable):
+        if not any(s == 0 for s in self.settled):
             return self._run(x, self._block)
         return torch.cond(
             x.shape[0] == 1,
@@ -221,6 +223,14 @@ class BlockSkipGraph(nn.Module):
         for i, unit in enumerate(self.units):
             if not self.droppable[i]:
                 h = unit(h)
+                continue
+            fixed = self.settled[index]
+            if fixed:  # as in the runtime: no gate, no branch (a recurrent gate still steps)
+                if not self.independent:
+                    _, state = self.controller.decide(index, h, state)
+                kept.append(torch.full((x.shape[0],), fixed > 0, dtype=torch.bool, device=x.device))
+                h = unit(h) if fixed > 0 else self.skipped_units[i](h)
+                index += 1
                 continue
             logit, state = self.controller.decide(index, h, state)
             score = logit + self.bias[index]

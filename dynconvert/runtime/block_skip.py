@@ -98,6 +98,8 @@ class BlockSkipModel(nn.Module):
             # the skipped forms call these same modules; under dyn. they are trained and saved
             self.dyn.corrections = nn.ModuleDict({str(i): m for i, m in corrections.items()})
         self.last_kept: torch.Tensor | None = None
+        # per droppable block: 1 runs for every sample, -1 for none, 0 as decided (see settle)
+        self.settled: list[int] = [0] * self.num_blocks
 
     @property
     def num_blocks(self) -> int:
@@ -146,26 +148,45 @@ class BlockSkipModel(nn.Module):
             keep = logit >= 0
             return _run_block(unit, skipped, h, keep), keep
 
-        h, kept = self._walk(x, hard)
+        h, kept = self._walk(x, hard, honour_settled=True)
         kept_matrix = torch.stack(kept, 1) if kept else x.new_zeros((x.shape[0], 0), dtype=torch.bool)
         return Decisions(h, kept_matrix)
 
-    def _walk(self, x: torch.Tensor, run_block) -> tuple[torch.Tensor, list]:
+    def _walk(self, x: torch.Tensor, run_block, honour_settled: bool = False) -> tuple[torch.Tensor, list]:
         """Run the units in turn; at each droppable one, the controller's keep-logit (plus
         ``dyn.bias``) goes to ``run_block(logit, unit, skipped, h) -> (output, record)``.
-        Returns the network's output and the records, one per droppable block."""
+        Returns the network's output and the records, one per droppable block.
+
+        With ``honour_settled``, settled blocks run (or not) for every sample, their record is
+        the keep decision, and their gate is not even computed when the controller's decisions
+        are independent of each other.
+        """
         controller = self.dyn.controller
+        independent = getattr(controller, "independent_decisions", False)
         state = controller.start(x)
         records, index, h = [], 0, x
         for unit, skipped, droppable in zip(self.units, self.skipped_units, self.droppable):
             if not droppable:
                 h = unit(h)
                 continue
-            logit, state = controller.decide(index, h, state)
-            h, record = run_block(logit + self.dyn.bias[index], unit, skipped, h)
-            records.append(record)
+            fixed = self.settled[index] if honour_settled else 0
+            if fixed:
+                if not independent:  # a recurrent gate still carries its state through
+                    _, state = controller.decide(index, h, state)
+                h = unit(h) if fixed > 0 else skipped(h)
+                records.append(torch.full((x.shape[0],), fixed > 0, dtype=torch.bool, device=x.device))
+            else:
+                logit, state = controller.decide(index, h, state)
+                h, record = run_block(logit + self.dyn.bias[index], unit, skipped, h)
+                records.append(record)
             index += 1
         return h, records
+
+    def settle(self, kept: torch.Tensor) -> None:
+        """Fix the decision of every block that ``kept`` (decisions on calibration data, (samples,
+        blocks)) shows running for all samples or for none; the others stay decided per sample."""
+        rates = kept.float().mean(0)
+        self.settled = [1 if r == 1.0 else -1 if r == 0.0 else 0 for r in rates.tolist()]
 
     def route_with(self, x: torch.Tensor, keep: torch.Tensor) -> Decisions:
         """Run with decisions given as a ``(batch, blocks)`` bool matrix; the controller is not used.

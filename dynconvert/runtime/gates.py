@@ -29,6 +29,7 @@ class FeedForwardGates(DynModule):
     """
 
     kind = "feedforward"
+    independent_decisions = True  # a block's gate needs nothing from the other gates
 
     def __init__(self, input_shapes: list[tuple[int, ...]], hidden: int = 16, pool: int = 1):
         super().__init__()

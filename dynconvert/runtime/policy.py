@@ -95,6 +95,8 @@ class PolicyNetwork(DynModule):
         h = self.stages(self.stem(x))
         return self.head(h.mean((2, 3)))
 
+    independent_decisions = True  # every keep-logit comes from the image, at the start
+
     def start(self, x: torch.Tensor) -> torch.Tensor:
         """Decide every block at once; the logits are the state."""
         return self.logits(x)

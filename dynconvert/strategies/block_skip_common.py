@@ -72,7 +72,9 @@ def _why_no_units(gm) -> str:
     return ""
 
 
-def build_block_skip_model(gm, units, example, make_controller, skip_correction: str = "none") -> BlockSkipModel:
+def build_block_skip_model(
+    gm, units, example, make_controller, skip_correction: str = "none", settled: list[int] | None = None
+) -> BlockSkipModel:
     """Full and skipped forms of each unit, their FLOPs, and the controller, as a runtime model.
 
     ``skip_correction="linear"`` gives each skipped form a learned correction in place of the
@@ -101,6 +103,8 @@ def build_block_skip_model(gm, units, example, make_controller, skip_correction:
         dyn.dyn.bias.fill_(1e4)
         dyn.controller_flops = count_flops(dyn.route, example) - dyn.static_flops()
         dyn.dyn.bias.zero_()
+    if settled is not None:
+        dyn.settled = list(settled)
     dyn.plan = {
         "replay": {"blocks": [u.name for u in units if u.droppable]},
         "units": [u.name for u in units],
@@ -213,6 +217,21 @@ def _route_all(dyn, split, prep, recipe):
         preds.append(d.logits.argmax(1).cpu())
         kept.append(d.kept.cpu())
     return torch.cat(preds), torch.cat(kept)
+
+
+def settle_constant_decisions(dyn: BlockSkipModel, split, prep, recipe) -> dict:
+    """Fix the blocks that run for every calibration sample, or for none, at the chosen operating
+    point (``BlockSkipModel.settle``): their gates are no longer computed. Recorded in the plan, so
+    ``load`` rebuilds the same model. Returns the settled blocks' names for the report."""
+    _, kept = _route_all(dyn, split, prep, recipe)
+    dyn.settle(kept)
+    dyn.plan["replay"]["settled"] = list(dyn.settled)
+    names = dyn.plan["replay"]["blocks"]
+    return {
+        "always_run": [n for n, s in zip(names, dyn.settled) if s > 0],
+        "never_run": [n for n, s in zip(names, dyn.settled) if s < 0],
+        "decided_per_sample": [n for n, s in zip(names, dyn.settled) if s == 0],
+    }
 
 
 def sweep_points_on_split(dyn, split, prep, recipe, sweep: list[dict], points: int = 6) -> list[dict]:

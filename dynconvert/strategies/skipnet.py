@@ -24,7 +24,9 @@ class SkipNetConfig:
     """Gate kind and size, the training FLOPs target, what a skipped block leaves in its place
     (``skip_correction``: ``linear``, a learned per-position linear map of the shortcut, or
     ``none``, the shortcut alone), the optional hybrid RL stage (``rl_epochs`` > 0; a skipped
-    block earns ``rl_skip_reward`` x its share of the FLOPs), and blocks never to skip."""
+    block earns ``rl_skip_reward`` x its share of the FLOPs), whether blocks whose gate decides the
+    same for every calibration image are fixed that way (``settle``: their gates no longer run),
+    and blocks never to skip."""
 
     gate: str = "feedforward"
     gate_hidden: int = 16
@@ -34,6 +36,7 @@ class SkipNetConfig:
     skip_correction: str = "linear"
     rl_epochs: int = 0
     rl_skip_reward: float = 0.5
+    settle: bool = True
     exclude: list[str] = field(default_factory=list)
     calibration_offsets: list[float] = field(
         default_factory=lambda: [-2.0, -1.5, -1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
@@ -58,7 +61,7 @@ class SkipNet(Strategy):
     config_class = SkipNetConfig
 
     @staticmethod
-    def prepare(model, recipe, config: SkipNetConfig, example, num_classes, blocks=None):
+    def prepare(model, recipe, config: SkipNetConfig, example, num_classes, blocks=None, settled=None):
         gm, units = common.plan_units(model, recipe, example, config.exclude, blocks)
         gate_class = GATE_KINDS[config.gate]
         return common.build_block_skip_model(
@@ -67,6 +70,7 @@ class SkipNet(Strategy):
             example,
             lambda shapes: gate_class(shapes, hidden=config.gate_hidden, pool=config.gate_pool),
             config.skip_correction,
+            settled,
         )
 
     @staticmethod
@@ -83,6 +87,8 @@ class SkipNet(Strategy):
         )
         history += train_hybrid_rl(dyn, data, prep, recipe, config.rl_epochs, config.rl_skip_reward, checkpointer)
         calibration = common.calibrate_bias(dyn, data.calibration, prep, recipe, config.calibration_offsets)
+        if config.settle:
+            calibration["settled"] = common.settle_constant_decisions(dyn, data.calibration, prep, recipe)
         return {"train": history, **calibration}
 
     @staticmethod
