@@ -3,8 +3,8 @@
     python bench/block_sensitivity.py [--images 2000]
 
 On the calibration part of cifar10-jpeg's train split (held out exactly as a conversion holds it
-out), drops each residual block of the pretrained ResNet-56 alone, then the k least harmful
-together, and records the accuracy lost. Writes bench/results/block_sensitivity.json.
+out), drops each residual block of the pretrained ResNet-56 alone, leaving the bare shortcut (no
+skip correction), then the k least harmful together, and records the accuracy lost. Writes bench/results/block_sensitivity.json.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def main() -> None:
     overrides = [
         f"model.weights={SHARED / 'models' / 'resnet56-4bfd9763.th'}",
         f"data.path={SHARED / 'data' / 'cifar10-jpeg'}",
+        "options.skip_correction=none",  # a bare shortcut where the dropped block was
     ]
     recipe = build_recipe(None, "cifar_resnet56", "skipnet", overrides)
     model = build_model(recipe.model)
