@@ -238,3 +238,27 @@ def test_settled_blocks_follow_their_fixed_decision_without_computing_their_gate
         dyn(torch.randn(3, 3, size, size))
     assert gate_calls == [1] and not unit_calls
     assert dyn.last_kept[:, 0].logical_not().all() and dyn.last_kept[:, 2:].all()
+
+
+def test_partial_backbone_tuning_is_saved_and_leaves_the_original_alone(tiny_data, tiny_weights, tmp_path):
+    out = tmp_path / "out"
+    dyn = convert_tiny(
+        "skipnet",
+        tiny_data,
+        tiny_weights,
+        out,
+        train__epochs=1,
+        train__tune_backbone=["layer3.2"],
+        train__backbone_lr=0.01,
+        options__calibration_offsets=[0.0],
+    )
+    original = torch.load(tiny_weights)
+    tuned_unit = dyn.plan["units"].index("layer3.2")
+    assert dyn.plan["replay"]["tuned"] == [tuned_unit]
+    tuned = dict(dyn.units[tuned_unit].named_parameters())
+    assert not torch.equal(tuned["layer3.2.conv1.weight"], original["layer3.2.conv1.weight"])
+    assert torch.equal(dict(dyn.units[0].named_parameters())["conv1.weight"], original["conv1.weight"])
+    loaded = dynconvert.load(out)
+    reloaded = dict(loaded.units[tuned_unit].named_parameters())
+    assert torch.equal(reloaded["layer3.2.conv1.weight"], tuned["layer3.2.conv1.weight"])
+    assert_same_routes(dyn, loaded)

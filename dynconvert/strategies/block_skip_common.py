@@ -3,6 +3,7 @@ training with the backbone frozen, and calibrating one bias on every keep-logit.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 
@@ -122,6 +123,33 @@ def _correction_for(gm, unit, branch_flops: float) -> SkipCorrection:
         )
     channels_last = is_channels_last(shape)
     return SkipCorrection(shape, channels_last, correction_rank(shape, channels_last, branch_flops))
+
+
+def own_tuned_units(dyn: BlockSkipModel, indices: list[int]) -> None:
+    """Give ``dyn`` its own copies of the units at ``indices`` (full and skipped forms sharing
+    modules), so tuning them leaves the original network as it was, and register them under
+    ``dyn.tuned`` so they are saved."""
+    # skip corrections are dyn's already: the copies keep calling the same ones
+    shared = {id(m): m for m in dyn.dyn.corrections.values()} if hasattr(dyn.dyn, "corrections") else {}
+    for i in sorted(set(indices)):
+        dyn.units[i], dyn.skipped_units[i] = copy.deepcopy((dyn.units[i], dyn.skipped_units[i]), dict(shared))
+    dyn.register_tuned_units(indices)
+
+
+def tunable_units(dyn: BlockSkipModel, prefixes: list[str], key: str) -> list[int]:
+    """Indices of the units holding a parameter named by ``prefixes`` (empty: every unit);
+    ``key`` is the recipe key that named them, for the error."""
+    found, used = [], set()
+    for i, unit in enumerate(dyn.units):
+        for name, _ in unit.named_parameters():
+            hits = [t for t in prefixes if name == t or name.startswith(t + ".")]
+            used.update(hits)
+            if hits or not prefixes:
+                found.append(i)
+    unknown = [t for t in prefixes if t not in used]
+    if unknown:
+        raise DynconvertError(f"{key} names {', '.join(unknown)}, which hold no backbone parameter")
+    return sorted(set(found))
 
 
 def expected_flops_ratio(dyn: BlockSkipModel, probs: torch.Tensor) -> torch.Tensor:
@@ -258,11 +286,13 @@ def sweep_points_on_split(dyn, split, prep, recipe, sweep: list[dict], points: i
 def trainable_parts(dyn: BlockSkipModel, tune: list[str]) -> tuple[list, list]:
     """Freeze the backbone but the modules named in ``tune``; return (the inserted parameters,
     the tuned backbone ones), all trainable."""
-    backbone_params = freeze(dyn.units, tune) + freeze(dyn.skipped_units, tune)
+    backbone_params = {}
+    for unit in [*dyn.units, *dyn.skipped_units]:  # names as in the network: "layer3.2.conv1.weight"
+        backbone_params.update((id(p), p) for p in freeze(unit, tune))  # full and skipped forms share modules
     inserted = dyn.inserted_parameters()
     for param in inserted:  # the skipped forms share the corrections, which freezing just froze
         param.requires_grad_(True)
-    return inserted, [p for p in backbone_params if all(p is not q for q in inserted)]
+    return inserted, [p for p in backbone_params.values() if all(p is not q for q in inserted)]
 
 
 def train_relaxed(

@@ -15,7 +15,7 @@ from dynconvert.errors import DynconvertError
 from dynconvert.recipe import _check_choice, _check_range
 from dynconvert.runtime.policy import STEM_STRIDES, PolicyNetwork
 from dynconvert.strategies import block_skip_common as common
-from dynconvert.strategies.blockdrop_training import finetune_jointly, own_tuned_units, train_policy
+from dynconvert.strategies.blockdrop_training import finetune_jointly, train_policy
 from dynconvert.strategies.registry import Strategy, register_strategy
 
 
@@ -102,7 +102,7 @@ class BlockDrop(Strategy):
 
         dyn = common.build_block_skip_model(gm, units, example, make_policy, config.skip_correction)
         if tuned:
-            own_tuned_units(dyn, tuned)
+            common.own_tuned_units(dyn, tuned)
             dyn.plan["replay"]["tuned"] = sorted(set(tuned))
         return dyn
 

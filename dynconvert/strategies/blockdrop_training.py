@@ -9,7 +9,6 @@ probabilities, the network runs with them (skipped blocks really skipped, see
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -18,7 +17,6 @@ from tqdm.auto import tqdm
 from dynconvert.convert import distributed
 from dynconvert.convert.checkpoint import Checkpointer
 from dynconvert.convert.train import check_finite, distillation_loss, freeze, train_batches
-from dynconvert.errors import DynconvertError
 from dynconvert.runtime.block_skip import BlockSkipModel
 from dynconvert.strategies import block_skip_common as common
 
@@ -57,17 +55,6 @@ def decided_mask(num_blocks: int, decided: int, device=None) -> torch.Tensor:
     if decided > 0:
         mask[num_blocks - min(decided, num_blocks) :] = True
     return mask
-
-
-def own_tuned_units(dyn: BlockSkipModel, indices: list[int]) -> None:
-    """Give ``dyn`` its own copies of the units at ``indices`` (full and skipped forms sharing
-    modules), so tuning them leaves the original network as it was, and register them under
-    ``dyn.tuned`` so they are saved."""
-    # skip corrections are dyn's already: the copies keep calling the same ones
-    shared = {id(m): m for m in dyn.dyn.corrections.values()} if hasattr(dyn.dyn, "corrections") else {}
-    for i in sorted(set(indices)):
-        dyn.units[i], dyn.skipped_units[i] = copy.deepcopy((dyn.units[i], dyn.skipped_units[i]), dict(shared))
-    dyn.register_tuned_units(indices)
 
 
 def reinforce_step(
@@ -205,21 +192,6 @@ def train_policy(
     return progress.history
 
 
-def tunable_units(dyn: BlockSkipModel, prefixes: list[str]) -> list[int]:
-    """Indices of the units holding a parameter named by ``prefixes`` (empty: every unit)."""
-    found, used = [], set()
-    for i, unit in enumerate(dyn.units):
-        for name, _ in unit.named_parameters():
-            hits = [t for t in prefixes if name == t or name.startswith(t + ".")]
-            used.update(hits)
-            if hits or not prefixes:
-                found.append(i)
-    unknown = [t for t in prefixes if t not in used]
-    if unknown:
-        raise DynconvertError(f"options.finetune_modules names {', '.join(unknown)}, which hold no backbone parameter")
-    return sorted(set(found))
-
-
 def finetune_jointly(
     dyn: BlockSkipModel, data, prep, recipe, config, checkpointer: Checkpointer | None = None
 ) -> list[dict]:
@@ -234,8 +206,8 @@ def finetune_jointly(
     cfg = recipe.train
     checkpointer = checkpointer or Checkpointer.disabled()
     teacher = common.teacher_logits(dyn, data.fit, prep, recipe, checkpointer) if cfg.distill_weight > 0 else None
-    indices = tunable_units(dyn, config.finetune_modules)
-    own_tuned_units(dyn, indices)
+    indices = common.tunable_units(dyn, config.finetune_modules, "options.finetune_modules")
+    common.own_tuned_units(dyn, indices)
     dyn.plan["replay"]["tuned"] = indices
     freeze(dyn.units)
     freeze(dyn.skipped_units)

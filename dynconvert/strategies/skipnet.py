@@ -61,10 +61,10 @@ class SkipNet(Strategy):
     config_class = SkipNetConfig
 
     @staticmethod
-    def prepare(model, recipe, config: SkipNetConfig, example, num_classes, blocks=None, settled=None):
+    def prepare(model, recipe, config: SkipNetConfig, example, num_classes, blocks=None, settled=None, tuned=None):
         gm, units = common.plan_units(model, recipe, example, config.exclude, blocks)
         gate_class = GATE_KINDS[config.gate]
-        return common.build_block_skip_model(
+        dyn = common.build_block_skip_model(
             gm,
             units,
             example,
@@ -72,9 +72,20 @@ class SkipNet(Strategy):
             config.skip_correction,
             settled,
         )
+        if tuned:
+            common.own_tuned_units(dyn, tuned)
+            dyn.plan["replay"]["tuned"] = sorted(set(tuned))
+        return dyn
 
     @staticmethod
     def fit(dyn, data, prep, recipe, config: SkipNetConfig, checkpointer=None) -> dict:
+        static_logits = None
+        if recipe.train.tune_backbone:
+            # the budget is measured against the original network; the tuned units become copies
+            static_logits = common.teacher_logits(dyn, data.calibration, prep, recipe)
+            tuned = common.tunable_units(dyn, recipe.train.tune_backbone, "train.tune_backbone")
+            common.own_tuned_units(dyn, tuned)
+            dyn.plan["replay"]["tuned"] = tuned
         history = common.train_relaxed(
             dyn,
             data,
@@ -86,7 +97,9 @@ class SkipNet(Strategy):
             checkpointer,
         )
         history += train_hybrid_rl(dyn, data, prep, recipe, config.rl_epochs, config.rl_skip_reward, checkpointer)
-        calibration = common.calibrate_bias(dyn, data.calibration, prep, recipe, config.calibration_offsets)
+        calibration = common.calibrate_bias(
+            dyn, data.calibration, prep, recipe, config.calibration_offsets, static_logits
+        )
         if config.settle:
             calibration["settled"] = common.settle_constant_decisions(dyn, data.calibration, prep, recipe)
         return {"train": history, **calibration}
