@@ -117,19 +117,18 @@ def test_relaxed_pass_gives_gradients_to_every_gate():
         assert gate[0].weight.grad is not None and gate[0].weight.grad.abs().sum() > 0
 
 
+def tiny_skipnet(tiny_data, tiny_weights, out, **kwargs):
+    """One epoch of SkipNet on the tiny data, calibrated over three offsets."""
+    offsets = [-2.0, 0.0, 2.0]
+    return convert_tiny(
+        "skipnet", tiny_data, tiny_weights, out, train__epochs=1, options__calibration_offsets=offsets, **kwargs
+    )
+
+
 @pytest.mark.parametrize("gate,rl_epochs", [("feedforward", 0), ("recurrent", 0), ("feedforward", 1)])
 def test_tiny_conversion_round_trip(gate, rl_epochs, tiny_data, tiny_weights, tmp_path):
     out = tmp_path / "out"
-    dyn = convert_tiny(
-        "skipnet",
-        tiny_data,
-        tiny_weights,
-        out,
-        train__epochs=1,
-        options__gate=gate,
-        options__rl_epochs=rl_epochs,
-        options__calibration_offsets=[-2.0, 0.0, 2.0],
-    )
+    dyn = tiny_skipnet(tiny_data, tiny_weights, out, options__gate=gate, options__rl_epochs=rl_epochs)
     report = json.loads((out / "report.json").read_text())
     for key in ("blocks_used_mean", "block_execution_rate", "distinct_policies", "blocks_used_histogram"):
         assert key in report["dynamic"]
@@ -242,16 +241,7 @@ def test_settled_blocks_follow_their_fixed_decision_without_computing_their_gate
 
 def test_partial_backbone_tuning_is_saved_and_leaves_the_original_alone(tiny_data, tiny_weights, tmp_path):
     out = tmp_path / "out"
-    dyn = convert_tiny(
-        "skipnet",
-        tiny_data,
-        tiny_weights,
-        out,
-        train__epochs=1,
-        train__tune_backbone=["layer3.2"],
-        train__backbone_lr=0.01,
-        options__calibration_offsets=[0.0],
-    )
+    dyn = tiny_skipnet(tiny_data, tiny_weights, out, train__tune_backbone=["layer3.2"], train__backbone_lr=0.01)
     original = torch.load(tiny_weights)
     tuned_unit = dyn.plan["units"].index("layer3.2")
     assert dyn.plan["replay"]["tuned"] == [tuned_unit]
