@@ -4,7 +4,8 @@
 
 On the calibration part of cifar10-jpeg's train split (held out exactly as a conversion holds it
 out), drops each residual block of the pretrained ResNet-56 alone, leaving the bare shortcut (no
-skip correction), then the k least harmful together, and records the accuracy lost. Writes bench/results/block_sensitivity.json.
+skip correction), then the k least harmful together, and records the accuracy lost. Writes
+bench/results/block_sensitivity.json.
 """
 
 from __future__ import annotations

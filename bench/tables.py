@@ -41,10 +41,11 @@ def block_skip(data: dict) -> str:
         rates = r.get("block_execution_rate", [])
         never = sum(rate < 0.01 for rate in rates)
         always = sum(rate > 0.99 for rate in rates)
+        varying = len(rates) - never - always
         rows.append(
             f"| {r.get('gate') or r.get('variant')} | {100 * r['static_accuracy']:.2f}% | "
             f"{100 * r['dynamic_accuracy']:.2f}% | {r['accuracy_change_points']:+.2f} pt | {r['flops_ratio']:.3f} | "
-            f"{r['blocks_used_mean']:.1f} of {r['blocks_total']} | {never} / {len(rates) - never - always} / {always} | "
+            f"{r['blocks_used_mean']:.1f} of {r['blocks_total']} | {never} / {varying} / {always} | "
             f"{r['distinct_policies']} | {r['conversion_seconds'] / 60:.1f} min |"
         )
     return "\n".join(rows)
