@@ -39,8 +39,8 @@ def block_skip(data: dict) -> str:
     ]
     for r in data["runs"]:
         rates = r.get("block_execution_rate", [])
-        never = sum(rate < 0.01 for rate in rates)
-        always = sum(rate > 0.99 for rate in rates)
+        never = sum(rate == 0.0 for rate in rates)
+        always = sum(rate == 1.0 for rate in rates)
         varying = len(rates) - never - always
         rows.append(
             f"| {r.get('gate') or r.get('variant')} | {100 * r['static_accuracy']:.2f}% | "
