@@ -4,10 +4,10 @@
     python bench/block_skip.py --strategy blockdrop
 
 "default" is the command with defaults only (the built-in recipe); other variants add one
-``--set`` (``recurrent``: ``options.gate=recurrent``; ``finetune``, for BlockDrop:
-``options.finetune_epochs=1``). Rows of variants not run are kept from the previous results.
-Fits and calibrates on the train split, evaluates on the whole test split. Writes
-bench/results/STRATEGY.json and each run's report.png.
+``--set`` (``recurrent``: ``options.gate=recurrent``; ``hybrid-rl``, for SkipNet:
+``options.rl_epochs=1``; ``finetune``, for BlockDrop: ``options.finetune_epochs=1``). Rows of
+variants not run are kept from the previous results. Fits and calibrates on the train split,
+evaluates on the whole test split. Writes bench/results/STRATEGY.json and each run's report.png.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from common import OUT, RESULTS, SHARED, machine, run_cli, write_result
 VARIANTS = {
     "default": [],
     "recurrent": ["--set", "options.gate=recurrent"],
+    # SkipNet: the relaxed stage, then one epoch of the hybrid RL stage
+    "hybrid-rl": ["--set", "options.rl_epochs=1"],
     # BlockDrop: the curriculum, then one epoch of joint fine-tuning of the policy and the backbone
     "finetune": ["--set", "options.finetune_epochs=1"],
 }
