@@ -7,7 +7,8 @@ import torch
 from conftest import TINY_RUN
 
 import dynconvert
-from dynconvert.convert.calibrate import OFF, choose_operating_point, exit_cost_table, threshold_sweep
+from dynconvert.convert.calibrate import OFF, choose_operating_point, threshold_sweep
+from dynconvert.runtime.early_exit import exit_cost_table
 
 
 def test_cost_table_counts_only_enabled_heads():

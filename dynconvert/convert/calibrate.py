@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from dynconvert.errors import DynconvertError
 from dynconvert.runtime.confidence import confidence
-from dynconvert.runtime.early_exit import exit_cost_table  # noqa: F401  (part of this module's API)
+from dynconvert.runtime.early_exit import exit_cost_table
 
 # the accuracy drop must stay within budget with 95% confidence (one-sided) on the calibration data
 CONFIDENCE_Z = 1.645

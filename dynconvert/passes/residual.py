@@ -144,24 +144,21 @@ def skipped_form(gm: fx.GraphModule, unit: Unit, correction: torch.nn.Module | N
     segment = extract_segment(gm, unit.start, unit.end)
     add = next(n for n in segment.graph.nodes if n.name == unit.add_node)
     shortcut = add.args[unit.shortcut_operand]
-    if correction is not None:
+    if correction is not None:  # the addition stays, its residual operand becomes the correction
         segment.add_submodule("skip_correction", correction)
         with segment.graph.inserting_before(add):
             corrected = segment.graph.call_module("skip_correction", (shortcut,))
         args = list(add.args)
         args[1 - unit.shortcut_operand] = corrected
         add.args = tuple(args)
-        segment.graph.eliminate_dead_code()
-        segment.graph.lint()
-        segment.recompile()
-        return segment
-    if _feeds_in_place_op(segment, add):
-        # the addition made a fresh tensor; without it an in-place activation would overwrite the
-        # unit's input (which the full form may still need, as in training)
-        with segment.graph.inserting_before(add):
-            shortcut = segment.graph.call_method("clone", (shortcut,))
-    add.replace_all_uses_with(shortcut)
-    segment.graph.erase_node(add)
+    else:
+        if _feeds_in_place_op(segment, add):
+            # the addition made a fresh tensor; without it an in-place activation would overwrite the
+            # unit's input (which the full form may still need, as in training)
+            with segment.graph.inserting_before(add):
+                shortcut = segment.graph.call_method("clone", (shortcut,))
+        add.replace_all_uses_with(shortcut)
+        segment.graph.erase_node(add)
     segment.graph.eliminate_dead_code()
     segment.graph.lint()
     segment.recompile()

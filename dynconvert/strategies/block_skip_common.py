@@ -86,11 +86,11 @@ def build_block_skip_model(
     h = example
     for i, unit in enumerate(units):
         f = full_form(gm, unit)
+        full_flops.append(count_flops(f, h))
         if unit.droppable and skip_correction == "linear":
-            branch_flops = count_flops(f, h) - count_flops(skipped_form(gm, unit), h)
+            branch_flops = full_flops[-1] - count_flops(skipped_form(gm, unit), h)
             corrections[i] = _correction_for(gm, unit, branch_flops)
         s = skipped_form(gm, unit, corrections.get(i)) if unit.droppable else None
-        full_flops.append(count_flops(f, h))
         skipped_flops.append(count_flops(s, h) if s is not None else 0.0)
         if s is not None:
             input_shapes.append(tuple(h.shape[1:]))
@@ -295,6 +295,19 @@ def trainable_parts(dyn: BlockSkipModel, tune: list[str]) -> tuple[list, list]:
     return inserted, [p for p in backbone_params.values() if all(p is not q for q in inserted)]
 
 
+def adamw_with_cosine(inserted: list, backbone: list, lr: float, train_config, epochs: int, samples: int):
+    """AdamW over the inserted parameters at ``lr`` and the tuned backbone ones at
+    ``train.backbone_lr``, with a cosine schedule over ``epochs`` epochs of ``samples``;
+    returns (optimizer, scheduler, every parameter it updates)."""
+    groups = [{"params": inserted, "lr": lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": train_config.backbone_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=train_config.weight_decay)
+    steps = max(1, epochs * math.ceil(samples / train_config.batch_size))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    return optimizer, scheduler, [*inserted, *backbone]
+
+
 def train_relaxed(
     dyn: BlockSkipModel,
     data,
@@ -317,12 +330,7 @@ def train_relaxed(
     teacher = teacher_logits(dyn, data.fit, prep, recipe, checkpointer)
     controller = dyn.dyn.controller
     controller.train()
-    groups = [{"params": inserted, "lr": cfg.lr}]
-    if backbone_params:
-        groups.append({"params": backbone_params, "lr": cfg.backbone_lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    steps = max(1, cfg.epochs * math.ceil(len(data.fit) / cfg.batch_size))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    optimizer, scheduler, params = adamw_with_cosine(inserted, backbone_params, cfg.lr, cfg, cfg.epochs, len(data.fit))
     generator = torch.Generator().manual_seed(recipe.seed)
     progress = checkpointer.begin("gates", cfg.epochs, dyn, optimizer, scheduler, generator)
 
@@ -337,7 +345,7 @@ def train_relaxed(
         )
         return loss, {"flops_ratio": cost.item()}
 
-    step = distributed.wrap_step([p for g in groups for p in g["params"]], step, find_unused=bool(backbone_params))
+    step = distributed.wrap_step(params, step, find_unused=bool(backbone_params))
     run_epochs(step, optimizer, scheduler, progress, checkpointer, data, prep, recipe, cfg.epochs, generator, "gates")
     distributed.broadcast_buffers(controller)
     controller.eval()

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from dynconvert.convert import distributed
 from dynconvert.convert.checkpoint import Checkpointer
-from dynconvert.convert.train import check_finite, distillation_loss, freeze, train_batches
+from dynconvert.convert.train import check_finite, distillation_loss, train_batches
 from dynconvert.runtime.block_skip import BlockSkipModel
 from dynconvert.strategies import block_skip_common as common
 
@@ -129,8 +129,8 @@ def train_policy(
     """
     cfg = recipe.train
     checkpointer = checkpointer or Checkpointer.disabled()
-    freeze(dyn.units)
-    freeze(dyn.skipped_units)
+    params, _ = common.trainable_parts(dyn, [])  # the policy and the skip corrections, if any
+    corrections = hasattr(dyn.dyn, "corrections")
     steps_per_epoch = math.ceil(len(data.fit) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     if total == 0:
@@ -141,24 +141,20 @@ def train_policy(
     schedule = curriculum_schedule(k, stages, config.curriculum_blocks_per_stage) if config.curriculum else [k]
     controller = dyn.dyn.controller
     controller.train()
-    corrections = list(dyn.dyn.corrections.parameters()) if hasattr(dyn.dyn, "corrections") else []
-    for param in corrections:  # shared with the skipped forms, which freezing just froze
-        param.requires_grad_(True)
     teacher = common.teacher_logits(dyn, data.fit, prep, recipe, checkpointer) if corrections else None
-    params = list(controller.parameters()) + corrections
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(recipe.seed)
     progress = checkpointer.begin("policy", cfg.epochs, dyn, optimizer, None, generator)
 
     def step(images, labels, mask, index):
         # the corrections learn, by self-distillation, to stand in for the blocks the sampled policy drops
-        loss, out, stats = reinforce_step(dyn, images, labels, config, mask, backbone_grad=bool(corrections))
+        loss, out, stats = reinforce_step(dyn, images, labels, config, mask, backbone_grad=corrections)
         if corrections:
             target = teacher[index].to(images.device)
             loss = loss + distillation_loss(out, labels, target, cfg.distill_temperature, cfg.distill_weight)
         return loss, out, stats
 
-    step_fn = distributed.wrap_step(params, step, find_unused=bool(corrections))
+    step_fn = distributed.wrap_step(params, step, find_unused=corrections)
     with tqdm(total=total, initial=progress.step, desc="train policy", unit="step") as bar:
         for epoch in range(progress.epoch, cfg.epochs):
             order = progress.epoch_order(lambda: torch.randperm(len(data.fit), generator=generator))
@@ -209,8 +205,7 @@ def finetune_jointly(
     indices = common.tunable_units(dyn, config.finetune_modules, "options.finetune_modules")
     common.own_tuned_units(dyn, indices)
     dyn.plan["replay"]["tuned"] = indices
-    freeze(dyn.units)
-    freeze(dyn.skipped_units)
+    inserted, _ = common.trainable_parts(dyn, [])
     backbone = []
     for i in indices:
         for name, param in dyn.units[i].named_parameters():
@@ -219,9 +214,6 @@ def finetune_jointly(
             ):
                 param.requires_grad_(True)
                 backbone.append(param)
-    inserted = dyn.inserted_parameters()
-    for param in inserted:
-        param.requires_grad_(True)
     controller = dyn.dyn.controller
     controller.train()
     optimizer = torch.optim.AdamW(

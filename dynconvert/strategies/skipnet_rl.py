@@ -11,8 +11,6 @@ trainable: the skip corrections, and the backbone modules of ``train.tune_backbo
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -69,12 +67,9 @@ def train_hybrid_rl(
     inserted, backbone_params = common.trainable_parts(dyn, cfg.tune_backbone)
     teacher = common.teacher_logits(dyn, data.fit, prep, recipe, checkpointer)
     dyn.dyn.controller.train()
-    groups = [{"params": inserted, "lr": cfg.lr / 10}]
-    if backbone_params:
-        groups.append({"params": backbone_params, "lr": cfg.backbone_lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    steps = max(1, epochs * math.ceil(len(data.fit) / cfg.batch_size))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    optimizer, scheduler, params = common.adamw_with_cosine(
+        inserted, backbone_params, cfg.lr / 10, cfg, epochs, len(data.fit)
+    )
     generator = torch.Generator().manual_seed(recipe.seed + 2)
     progress = checkpointer.begin(STAGE, epochs, dyn, optimizer, scheduler, generator)
 
@@ -82,7 +77,7 @@ def train_hybrid_rl(
         return hybrid_rl_loss(dyn, images, labels, teacher[index].to(images.device), cfg, skip_reward)
 
     # a gate that every sample of a rank's share follows one way leaves a block without gradient
-    step = distributed.wrap_step([p for g in groups for p in g["params"]], step, find_unused=True)
+    step = distributed.wrap_step(params, step, find_unused=True)
     common.run_epochs(step, optimizer, scheduler, progress, checkpointer, data, prep, recipe, epochs, generator, STAGE)
     for param in backbone_params:
         param.requires_grad_(False)
