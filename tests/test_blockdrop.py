@@ -11,6 +11,7 @@ from conftest import TINY_RUN
 from torch.testing import assert_close
 
 import dynconvert
+from dynconvert.convert.data import ConversionData, ImageSplit, Preprocess
 from dynconvert.errors import DynconvertError
 from dynconvert.recipe import build_recipe, default_recipe_name, strategy_config
 from dynconvert.strategies import get_strategy
@@ -19,6 +20,8 @@ from dynconvert.strategies.blockdrop_training import (
     bounded_probs,
     curriculum_schedule,
     decided_mask,
+    fit_corrections,
+    offset_for_flops,
     reinforce_step,
 )
 
@@ -158,6 +161,35 @@ def test_reinforce_step_forces_undecided_blocks_on_and_learns_only_the_decided_o
     assert -5.0 <= stats["reward"] <= 1.0 and 0 < stats["flops_ratio"] <= 1.1
 
 
+def random_split(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return ImageSplit(images, torch.randint(0, 10, (n,), generator=g), "random")
+
+
+def test_corrections_are_fitted_to_the_greedy_policy_at_the_flops_target(monkeypatch):
+    overrides = ["options.correction_epochs=1", "train.batch_size=8", "data.batch_size=8"]
+    model, dyn, config = prepared(overrides=overrides)
+    recipe = build_recipe(None, "cifar_resnet20", "blockdrop", ["model.pretrained=false", *overrides])
+    prep = Preprocess.from_model(model)
+    randomize_policy(dyn)
+    split = random_split(16)
+    data = ConversionData(split, split, split, 10, [str(i) for i in range(10)])
+    offset = offset_for_flops(dyn, split, prep, recipe, config.correction_flops_ratio)
+    before = {k: v.clone() for k, v in dyn.state_dict().items()}
+    executed = []
+    route_with = dyn.route_with
+    monkeypatch.setattr(dyn, "route_with", lambda x, keep: executed.append(keep.clone()) or route_with(x, keep))
+    history, used = fit_corrections(dyn, data, prep, recipe, config)
+    assert used == offset and [h["phase"] for h in history] == ["corrections"]
+    # the runs it learns from are the greedy policy's at that offset: at most the target's FLOPs
+    ratio = float(torch.cat([dyn.sample_flops(k) for k in executed]).mean()) / dyn.static_flops()
+    assert 0.5 < ratio <= config.correction_flops_ratio + 1e-9
+    changed = {k for k, v in dyn.state_dict().items() if not torch.equal(v, before[k])}
+    # the skipped forms hold the same correction modules, under their own names
+    assert changed and all(k.startswith("dyn.corrections.") or ".skip_correction." in k for k in changed)
+
+
 def test_options_are_validated():
     with pytest.raises(DynconvertError, match="options.alpha"):
         build_recipe(None, "cifar_resnet20", "blockdrop", ["options.alpha=0.3"])
@@ -187,7 +219,7 @@ def tiny_conversion(tiny_data, tiny_weights, out, **options):
         options__calibration_offsets=[-2.0, 0.0, 2.0],
         **TINY_RUN,
         options__curriculum_stage_steps=1,
-        **{f"options__{k}": v for k, v in options.items()},
+        **{f"options__{k}": v for k, v in {"correction_epochs": 1, **options}.items()},
     )
 
 
@@ -209,7 +241,8 @@ def test_tiny_conversion_round_trip(tiny_data, tiny_weights, tmp_path):
     assert 0 < report["flops_ratio"] < 1.1
     history = report["calibration"]["train"]
     # 3 steps an epoch, a stage a step: 2, 4, 6 blocks decided in the first epoch, 8, 9, 9 in the second
-    assert [h["decided_blocks"] for h in history] == [6, 9]
+    assert [h["decided_blocks"] for h in history[:2]] == [6, 9]
+    assert [h.get("phase") for h in history] == ["curriculum", "curriculum", "corrections"]
     loaded = dynconvert.load(out)
     assert "tuned" not in dict(loaded.dyn.named_children())
     assert_same_decisions(dyn, loaded)
@@ -219,7 +252,8 @@ def test_joint_fine_tuning_round_trip_keeps_the_original_network(tiny_data, tiny
     out = tmp_path / "out"
     dyn = tiny_conversion(tiny_data, tiny_weights, out, finetune_epochs=1, finetune_modules=["layer3.2"])
     report = json.loads((out / "report.json").read_text())
-    assert [h["phase"] for h in report["calibration"]["train"]] == ["curriculum", "curriculum", "finetune"]
+    phases = [h["phase"] for h in report["calibration"]["train"]]
+    assert phases == ["curriculum", "curriculum", "corrections", "finetune"]
     original = torch.load(tiny_weights)
     tuned_unit = dyn.plan["units"].index("layer3.2")
     assert dyn.plan["replay"]["tuned"] == [tuned_unit]

@@ -18,7 +18,7 @@ from dynconvert.convert import distributed
 CASES = {
     "early-exit": {"train__epochs": 2, "options__fractions": [0.3, 0.6]},
     # joint fine-tuning: blocks a rank's share never runs get no gradient there
-    "blockdrop": {"train__epochs": 1, "options__finetune_epochs": 1},
+    "blockdrop": {"train__epochs": 1, "options__correction_epochs": 1, "options__finetune_epochs": 1},
 }
 
 

@@ -18,11 +18,11 @@ from dynconvert.convert import checkpoint as ckpt
 from dynconvert.convert import train
 
 # (strategy, overrides, checkpoint saves before SIGTERM): the blockdrop run stops in its
-# second stage (joint fine-tuning), so resuming crosses from a finished stage into another
+# third stage (joint fine-tuning), so resuming crosses two finished stages into another
 CASES = {
     "early-exit": ({"train__epochs": 3, "options__fractions": [0.3, 0.6]}, 1),
     "skipnet": ({"train__epochs": 2}, 1),
-    "blockdrop": ({"train__epochs": 2, "options__finetune_epochs": 2}, 3),
+    "blockdrop": ({"train__epochs": 2, "options__correction_epochs": 1, "options__finetune_epochs": 2}, 4),
 }
 UNSTABLE = ("seconds", "latency")
 

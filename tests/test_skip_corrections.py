@@ -86,7 +86,8 @@ def tiny(strategy, tiny_data, tiny_weights, out, **options):
 
 @pytest.mark.parametrize("strategy", ["skipnet", "blockdrop"])
 def test_corrections_learn_and_are_saved(strategy, tiny_data, tiny_weights, tmp_path):
-    options = {"curriculum_stage_steps": 1, "finetune_epochs": 1} if strategy == "blockdrop" else {}
+    blockdrop = {"curriculum_stage_steps": 1, "correction_epochs": 1, "finetune_epochs": 1}
+    options = blockdrop if strategy == "blockdrop" else {}
     dyn = tiny(strategy, tiny_data, tiny_weights, tmp_path / "out", **options)
     learned = correction_weights(dyn)
     assert any(w.abs().sum() > 0 for w in learned), "training left every correction at zero"

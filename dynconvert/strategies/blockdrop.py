@@ -15,7 +15,7 @@ from dynconvert.errors import DynconvertError
 from dynconvert.recipe import _check_choice, _check_range
 from dynconvert.runtime.policy import STEM_STRIDES, PolicyNetwork
 from dynconvert.strategies import block_skip_common as common
-from dynconvert.strategies.blockdrop_training import finetune_jointly, train_policy
+from dynconvert.strategies.blockdrop_training import finetune_jointly, fit_corrections, train_policy
 from dynconvert.strategies.registry import Strategy, register_strategy
 
 
@@ -33,7 +33,10 @@ class BlockDropConfig:
     module name prefixes to tune, empty: all; their learning rate is ``train.backbone_lr``).
     ``skip_correction``: what a dropped block leaves in its place: ``linear``, a learned
     per-position linear map of the shortcut (trained by self-distillation while the policy
-    learns), or ``none``, the shortcut alone.
+    learns), or ``none``, the shortcut alone. ``correction_epochs``/``correction_flops_ratio``/
+    ``correction_lr``: after the policy has learned, fit the corrections to its greedy decisions
+    at the offset where they cost that FLOPs ratio (0 epochs: off); the calibration sweep then
+    also tries offsets around that one.
     """
 
     input_size: int = 16
@@ -49,6 +52,9 @@ class BlockDropConfig:
     finetune_lr: float = 1e-4
     finetune_modules: list[str] = field(default_factory=list)
     skip_correction: str = "linear"
+    correction_epochs: int = 0
+    correction_flops_ratio: float = 0.65
+    correction_lr: float = 3e-3
     exclude: list[str] = field(default_factory=list)
     calibration_offsets: list[float] = field(
         default_factory=lambda: [-2.0, -1.5, -1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
@@ -73,6 +79,18 @@ class BlockDropConfig:
         _check_range("options.curriculum_blocks_per_stage", self.curriculum_blocks_per_stage, 0, None)
         _check_range("options.finetune_epochs", self.finetune_epochs, 0, None)
         _check_range("options.finetune_lr", self.finetune_lr, 0.0, None)
+        _check_range("options.correction_epochs", self.correction_epochs, 0, None)
+        _check_range("options.correction_flops_ratio", self.correction_flops_ratio, 0.0, 1.0)
+        _check_range("options.correction_lr", self.correction_lr, 0.0, None)
+        if self.correction_epochs and self.skip_correction == "none":
+            raise DynconvertError(
+                "options.correction_epochs fits skip corrections, but options.skip_correction is 'none'; "
+                "set options.skip_correction: linear or options.correction_epochs: 0"
+            )
+
+
+# offsets tried around the one the corrections were fitted at: they fit best near it
+FINE_OFFSET_STEPS = (-0.2, -0.1, -0.05, 0.0, 0.05, 0.1, 0.15, 0.2, 0.3)
 
 
 @register_strategy
@@ -109,14 +127,17 @@ class BlockDrop(Strategy):
     @staticmethod
     def fit(dyn, data, prep, recipe, config: BlockDropConfig, checkpointer=None) -> dict:
         history = train_policy(dyn, data, prep, recipe, config, checkpointer)
+        offsets = list(config.calibration_offsets)
+        if config.correction_epochs > 0:
+            fitted, offset = fit_corrections(dyn, data, prep, recipe, config, checkpointer)
+            history += fitted
+            offsets = sorted({*offsets, *(offset + step for step in FINE_OFFSET_STEPS)})
         static_logits = None
         if config.finetune_epochs > 0:
             # the budget is measured against the original network, which fine-tuning changes
             static_logits = common.teacher_logits(dyn, data.calibration, prep, recipe)
             history += finetune_jointly(dyn, data, prep, recipe, config, checkpointer)
-        calibration = common.calibrate_bias(
-            dyn, data.calibration, prep, recipe, config.calibration_offsets, static_logits
-        )
+        calibration = common.calibrate_bias(dyn, data.calibration, prep, recipe, offsets, static_logits)
         return {"train": history, **calibration}
 
     @staticmethod

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from dynconvert.convert import distributed
 from dynconvert.convert.checkpoint import Checkpointer
-from dynconvert.convert.train import check_finite, distillation_loss, train_batches
+from dynconvert.convert.train import check_finite, distillation_loss, map_batches, train_batches
 from dynconvert.runtime.block_skip import BlockSkipModel
 from dynconvert.strategies import block_skip_common as common
 
@@ -270,3 +270,65 @@ def finetune_jointly(
     controller.eval()
     dyn.eval()
     return progress.history
+
+
+@torch.no_grad()
+def offset_for_flops(dyn: BlockSkipModel, split, prep, recipe, flops_ratio: float) -> float:
+    """The offset on every keep-logit at which the greedy policy's mean FLOPs ratio on ``split``
+    is at most ``flops_ratio`` and as close to it as bisection gets."""
+    (logits,) = map_batches(
+        dyn.dyn.controller.start, split, prep, recipe.data.batch_size, recipe.device, "policy decisions"
+    )
+    static = dyn.static_flops()
+    reach = float(logits.abs().max()) + 1.0  # from every block dropped to every block kept
+    low, high = -reach, reach
+    for _ in range(40):
+        middle = (low + high) / 2
+        ratio = float(dyn.sample_flops(logits + middle >= 0).mean()) / static
+        low, high = (low, middle) if ratio > flops_ratio else (middle, high)
+    return low
+
+
+def fit_corrections(
+    dyn: BlockSkipModel, data, prep, recipe, config, checkpointer: Checkpointer | None = None
+) -> tuple[list[dict], float]:
+    """Fit the skip corrections to the policy as it will be deployed: greedy decisions at the
+    offset where they cost ``config.correction_flops_ratio``, by self-distillation from the
+    original network; backbone and policy frozen.
+
+    While the policy learns, the corrections see sampled (bounded, so noisy) decisions; the
+    greedy policy drops fewer, fixed patterns of blocks, and corrections fitted to them recover
+    much of what dropping costs. Returns (one record per epoch, the offset used).
+    """
+    cfg = recipe.train
+    checkpointer = checkpointer or Checkpointer.disabled()
+    offset = offset_for_flops(dyn, data.fit, prep, recipe, config.correction_flops_ratio)
+    teacher = common.teacher_logits(dyn, data.fit, prep, recipe, checkpointer)
+    inserted, _ = common.trainable_parts(dyn, [])
+    for param in dyn.dyn.controller.parameters():
+        param.requires_grad_(False)
+    corrections = list(dyn.dyn.corrections.parameters())
+    optimizer, scheduler, params = common.adamw_with_cosine(
+        corrections, [], config.correction_lr, cfg, config.correction_epochs, len(data.fit)
+    )
+    generator = torch.Generator().manual_seed(recipe.seed + 2)
+    progress = checkpointer.begin("corrections", config.correction_epochs, dyn, optimizer, scheduler, generator)
+    static = dyn.static_flops()
+
+    def step(images, labels, index):
+        with torch.no_grad():
+            keep = dyn.dyn.controller.start(images) + offset >= 0
+        out = dyn.route_with(images, keep).logits
+        target = teacher[index].to(out.device)
+        loss = distillation_loss(out, labels, target, cfg.distill_temperature, cfg.distill_weight)
+        return loss, {"flops_ratio": float(dyn.sample_flops(keep).mean()) / static}
+
+    step = distributed.wrap_step(params, step, find_unused=True)
+    epochs = config.correction_epochs
+    common.run_epochs(
+        step, optimizer, scheduler, progress, checkpointer, data, prep, recipe, epochs, generator, "corrections"
+    )
+    for param in inserted:
+        param.requires_grad_(False)
+    dyn.eval()
+    return progress.history, offset
