@@ -56,6 +56,18 @@ def run_cli(args: list[str], out: Path, cold_cache: bool = True) -> tuple[dict, 
     return json.loads((out / "report.json").read_text()), seconds
 
 
+def with_earlier_rows(name: str, rows: list[dict], field: str = "results") -> list[dict]:
+    """``rows`` after the rows of ``bench/results/NAME.json`` (list ``field``) for model folders
+    (``model_dir``, matched by name) none of them measured: re-measuring some models keeps the
+    others' figures, each from its own run."""
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        return rows
+    measured = {Path(r["model_dir"]).name for r in rows}
+    earlier = json.loads(path.read_text())[field]
+    return [r for r in earlier if Path(r["model_dir"]).name not in measured] + rows
+
+
 def write_result(name: str, data: dict) -> Path:
     """Write ``bench/results/NAME.json``."""
     RESULTS.mkdir(parents=True, exist_ok=True)

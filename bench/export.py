@@ -3,7 +3,8 @@
     python bench/export.py [MODEL_DIR ...] [--images 300] [--repeats 3] [--threads 1]
 
 Each MODEL_DIR is a conversion's output folder (default: the cifar_resnet56 early-exit,
-BlockDrop and SkipNet conversions under bench/out). For each: the static network and the
+BlockDrop and SkipNet conversions under bench/out; named folders replace their own rows and keep
+the other models' rows). For each: the static network and the
 dynamic one in both export forms (gather, cond) are exported to ONNX under
 bench/out/onnx/NAME/ (the dynamic ones through dynconvert.export_onnx, so each passes the
 check first), then timed in onnxruntime (CPU) on the evaluation split's real images:
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import torch
-from common import OUT, machine, write_result
+from common import OUT, machine, with_earlier_rows, write_result
 
 import dynconvert
 from dynconvert.convert.build import build_model
@@ -132,6 +133,8 @@ def main() -> None:
         )
     info = {**machine(), "onnxruntime": onnxruntime.__version__, "onnxruntime_threads": args.threads}
     target = f"batch-1 time ratio <= {TARGET} x FLOPs ratio"
+    if args.folders:  # the models named were re-measured; the others keep their rows
+        results = with_earlier_rows("export", results)
     write_result("export", {"machine": info, "target": target, "results": results})
 
 

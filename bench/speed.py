@@ -3,8 +3,9 @@
     python bench/speed.py [MODEL_DIR ...] [--images 500] [--rounds 3] [--memory-format channels_last]
 
 Each MODEL_DIR is a conversion's output folder (default: every folder under bench/out that
-holds a model). In one process, interleaved image by image (batch 1) and batch by batch
-(batch 64), on the evaluation split's real images: the static network and the dynamic one.
+holds a model; named folders replace their own rows and keep the other models' rows). In one
+process, interleaved image by image (batch 1) and batch by batch (batch 64), on the evaluation
+split's real images: the static network and the dynamic one.
 Reports the mean time per image (batch 1) and per batch of 64, the time ratio beside the FLOPs
 ratio of the same images, and their quotient (efficiency: 1.0 means every saved FLOP became saved
 time). Both models run in the same memory format: PyTorch's default (contiguous) unless
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import OUT, RESULTS, machine, write_result
+from common import OUT, RESULTS, machine, with_earlier_rows, write_result
 
 import dynconvert
 from dynconvert.convert.build import build_model
@@ -163,6 +164,8 @@ def main() -> None:
         )
     gpu = "measured" if torch.cuda.is_available() else "not measured: no GPU on this machine"
     name = "speed" if args.memory_format == "contiguous" else f"speed-{args.memory_format}"
+    if args.folders:  # the models named were re-measured; the others keep their rows
+        results = with_earlier_rows(name, results)
     write_result(name, {"machine": machine(), "gpu": gpu, "memory_format": args.memory_format, "results": results})
     plot(results, RESULTS / f"{name}.png", args.batch)
 

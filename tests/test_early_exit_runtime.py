@@ -9,7 +9,7 @@ from torch.testing import assert_close
 
 import dynconvert  # noqa: F401  (registers the CIFAR ResNets)
 from dynconvert.convert.calibrate import simulate_exits
-from dynconvert.runtime.confidence import confidence
+from dynconvert.runtime.confidence import confidence, row_confidence
 from dynconvert.runtime.early_exit import EarlyExitModel
 
 TIGHT = dict(rtol=1e-6, atol=1e-6)
@@ -248,3 +248,13 @@ def test_runs_under_torch_compile(small_dyn):
     assert torch.equal(dyn.last_exits, expected_exits)
     assert_close(compiled(x[:1]), dyn.route(x[:1]).logits, **LOOSE)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("criterion", ["max_softmax", "entropy"])
+def test_batch_one_confidence_in_python_equals_the_tensor_one(criterion):
+    torch.manual_seed(0)
+    logits = torch.randn(50, 10) * 4
+    for temperature in (0.5, 1.0, 2.5):
+        expected = confidence(logits / temperature, criterion)
+        got = torch.tensor([row_confidence(row.tolist(), temperature, criterion) for row in logits])
+        assert_close(got, expected, rtol=0, atol=1e-6)

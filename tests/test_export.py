@@ -101,6 +101,7 @@ def test_export_keeps_decisions_and_passes_the_check(case, tmp_path):
     assert not list(tmp_path.glob("*.partial"))
 
     assert _ifs_on_the_batch_of_one_path(tmp_path / "m.onnx") == _live_decisions(dyn)
+    assert _nodes_with_trace_records(tmp_path / "m.onnx") == 0
 
     from dynconvert.export.check import ort_session
 
@@ -114,6 +115,20 @@ def _live_decisions(dyn) -> int:
     if hasattr(dyn.dyn, "thresholds"):
         return int((dyn.dyn.thresholds <= 1.0).sum())
     return sum(s == 0 for s in dyn.settled)
+
+
+def _nodes_with_trace_records(path) -> int:
+    """Nodes, in any subgraph, that still carry the exporter's stack traces or FX node text."""
+    import onnx
+
+    def count(graph) -> int:
+        total = 0
+        for node in graph.node:
+            total += bool(node.metadata_props) or bool(node.doc_string)
+            total += sum(count(a.g) for a in node.attribute if a.type == onnx.AttributeProto.GRAPH)
+        return total
+
+    return count(onnx.load(str(path)).graph)
 
 
 def _ifs_on_the_batch_of_one_path(path) -> int:

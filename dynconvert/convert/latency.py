@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from dynconvert.runtime.confidence import confidence
+from dynconvert.runtime.confidence import row_confidence
 
 
 def _run_timed(fn, x: torch.Tensor):
@@ -35,13 +35,17 @@ def early_exit_latency(dyn, images: torch.Tensor, repeats: int = 30) -> tuple[to
     segments, heads = dyn.segments, dyn.dyn.exits
     seg_times = [[] for _ in segments]
     head_times = [[] for _ in heads]
+
+    def decide(k: int, h: torch.Tensor) -> bool:  # head k and its decision, as the batch-1 route runs them
+        return row_confidence(heads[k](h)[0].tolist(), 1.0, dyn.criterion) >= 0.5
+
     for repeat in range(repeats + 1):
         for image in images:
             h = image[None]
             for k, segment in enumerate(segments):
                 h, elapsed = _run_timed(segment, h)
                 if k < len(heads):
-                    _, spent = _run_timed(lambda f, k=k: bool(confidence(heads[k](f), dyn.criterion)[0] >= 0.5), h)
+                    _, spent = _run_timed(lambda f, k=k: decide(k, f), h)
                     if repeat:
                         head_times[k].append(spent)
                 if repeat:

@@ -100,16 +100,33 @@ def _export(graph: nn.Module, example: torch.Tensor, path: Path) -> None:
             )
     except Exception as exc:
         raise DynconvertError(f"torch.onnx.export failed for {type(graph).__name__}: {exc}") from exc
+    _strip_trace_metadata(program.model)
     program.save(str(path))
+
+
+def _strip_trace_metadata(model) -> None:
+    """Drop the exporter's per-node records (stack traces, the FX node's text, name scopes).
+
+    Each ``If`` node records the whole subgraph it holds, so with nested exits these records
+    made up nine tenths of the file (97 MB against 9 MB of weights for ResNet-56 with exits).
+    """
+    import onnx_ir
+
+    for graph in (model.graph, *model.graph.subgraphs()):
+        graph.metadata_props.clear()
+    for node in onnx_ir.traversal.RecursiveGraphIterator(model.graph):
+        node.metadata_props.clear()
+        node.doc_string = None
 
 
 @contextlib.contextmanager
 def _quiet_exporter():
-    """Keep the exporter's progress lines and graph-pass notices out of the user's log."""
+    """Keep the exporter's progress lines and graph-pass notices (warnings included: empty
+    attribute lists it builds itself) out of the user's log; failures still raise."""
     loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.setLevel(logging.WARNING)
+        logger.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dynconvert.runtime.confidence import confidence
+from dynconvert.runtime.confidence import confidence, row_confidence
 
 
 @dataclass
@@ -159,7 +159,7 @@ class EarlyExitModel(nn.Module):
             if thresholds[k] > 1.0:
                 continue
             logits = self.dyn.exits[k](h)
-            if confidence(logits / temperatures[k], self.criterion).item() >= thresholds[k]:
+            if row_confidence(logits[0].tolist(), temperatures[k], self.criterion) >= thresholds[k]:
                 return Routed(logits, torch.tensor([k], device=x.device))
         return Routed(self.segments[-1](h), torch.tensor([self.num_exits], device=x.device))
 

@@ -354,13 +354,14 @@ def train_relaxed(
 
 
 def run_epochs(
-    step, optimizer, scheduler, progress, checkpointer, data, prep, recipe, epochs: int, generator, stage: str
+    step, optimizer, scheduler, progress, checkpointer, data, prep, recipe, epochs, generator, stage, extra=None
 ) -> None:
     """The epochs of a training stage over the fit split, from where ``progress`` stands.
 
     ``step(images, labels, index) -> (loss, statistics)`` gives the loss and per-sample means
     (a ``flops_ratio`` among them); each epoch's record holds their means over the epoch, under
-    ``phase: stage`` except for the ``"gates"`` stage. Checkpoints after every step and epoch.
+    ``phase: stage`` except for the ``"gates"`` stage, and the items of ``extra`` as given.
+    Checkpoints after every step and epoch.
     """
     cfg = recipe.train
     steps = max(1, epochs * math.ceil(len(data.fit) / cfg.batch_size))
@@ -386,5 +387,6 @@ def run_epochs(
             totals = distributed.sum_over_ranks(progress.totals)
             n = max(1, totals["n"])
             record = {"epoch": epoch} if stage == "gates" else {"phase": stage, "epoch": epoch}
+            record.update(extra or {})
             progress.end_epoch({**record, **{k: v / n for k, v in totals.items() if k != "n"}})
             checkpointer.end_epoch(progress)

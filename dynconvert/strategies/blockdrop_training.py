@@ -302,17 +302,22 @@ def fit_corrections(
     """
     cfg = recipe.train
     checkpointer = checkpointer or Checkpointer.disabled()
-    offset = offset_for_flops(dyn, data.fit, prep, recipe, config.correction_flops_ratio)
     teacher = common.teacher_logits(dyn, data.fit, prep, recipe, checkpointer)
     inserted, _ = common.trainable_parts(dyn, [])
     for param in dyn.dyn.controller.parameters():
         param.requires_grad_(False)
     corrections = list(dyn.dyn.corrections.parameters())
+    epochs = config.correction_epochs
     optimizer, scheduler, params = common.adamw_with_cosine(
-        corrections, [], config.correction_lr, cfg, config.correction_epochs, len(data.fit)
+        corrections, [], config.correction_lr, cfg, epochs, len(data.fit)
     )
     generator = torch.Generator().manual_seed(recipe.seed + 2)
-    progress = checkpointer.begin("corrections", config.correction_epochs, dyn, optimizer, scheduler, generator)
+    progress = checkpointer.begin("corrections", epochs, dyn, optimizer, scheduler, generator)
+    if progress.epoch >= epochs and progress.history:
+        # finished before a resumed run; the policy that set the offset is restored only later
+        offset = progress.history[-1]["greedy_offset"]
+    else:
+        offset = offset_for_flops(dyn, data.fit, prep, recipe, config.correction_flops_ratio)
     static = dyn.static_flops()
 
     def step(images, labels, index):
@@ -324,9 +329,9 @@ def fit_corrections(
         return loss, {"flops_ratio": float(dyn.sample_flops(keep).mean()) / static}
 
     step = distributed.wrap_step(params, step, find_unused=True)
-    epochs = config.correction_epochs
+    record = {"greedy_offset": offset}  # in the checkpoint too, for a resumed run
     common.run_epochs(
-        step, optimizer, scheduler, progress, checkpointer, data, prep, recipe, epochs, generator, "corrections"
+        step, optimizer, scheduler, progress, checkpointer, data, prep, recipe, epochs, generator, "corrections", record
     )
     for param in inserted:
         param.requires_grad_(False)
