@@ -62,14 +62,15 @@ def test_policy_forced_to_keep_everything_equals_the_original(batch):
     assert dyn.last_kept.all()
 
 
-def test_policy_reads_a_downsampled_image_and_costs_little():
+def test_policy_reads_a_downsampled_image_and_costs_little(monkeypatch):
     _, dyn, _ = prepared("cifar_resnet56")
     policy = dyn.dyn.controller
     seen = []
-    policy.stem.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    conv2d = torch.nn.functional.conv2d
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda x, *a, **k: seen.append(x.shape) or conv2d(x, *a, **k))
     with torch.no_grad():
         dyn(torch.randn(3, 3, 32, 32))
-    assert seen == [(3, 3, 16, 16)]
+    assert seen[0] == (3, 3, 16, 16)  # the policy runs first, on the downsampled image
     assert policy.head.out_features == dyn.num_blocks == 27
     assert 0 < dyn.inserted_flops() < 0.03 * dyn.static_flops()
 
@@ -165,6 +166,27 @@ def random_split(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
     return ImageSplit(images, torch.randint(0, 10, (n,), generator=g), "random")
+
+
+def test_the_eval_policy_with_batchnorm_folded_equals_the_unfolded_one():
+    _, dyn, _ = prepared("cifar_resnet56")
+    policy = dyn.dyn.controller
+    randomize_policy(dyn)
+    for bn in [m for m in policy.modules() if isinstance(m, torch.nn.BatchNorm2d)]:
+        bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        small = torch.nn.functional.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+        unfolded = policy.head(policy.stages(policy.stem(small)).mean((2, 3)))
+        folded = policy.logits(x)
+    with torch.inference_mode():
+        cached, again = policy.logits(x), policy.logits(x)
+    assert_close(folded, unfolded, rtol=1e-4, atol=1e-4)
+    assert torch.equal(cached, folded) and torch.equal(again, folded)
+    with torch.no_grad():  # a change to the weights reaches the cached folding
+        policy.stem[0].weight.mul_(2.0)
+    with torch.inference_mode():
+        assert not torch.equal(policy.logits(x), cached)
 
 
 def test_corrections_are_fitted_to_the_greedy_policy_at_the_flops_target(monkeypatch):

@@ -143,6 +143,8 @@ class BlockSkipModel(nn.Module):
 
     def route(self, x: torch.Tensor) -> Decisions:
         """Run with hard decisions; a skipped block does not run for that sample."""
+        if x.shape[0] == 1 and getattr(self.dyn.controller, "decides_at_start", False):
+            return self._route_one(x)
 
         def hard(logit, unit, skipped, h):
             keep = logit >= 0
@@ -151,6 +153,23 @@ class BlockSkipModel(nn.Module):
         h, kept = self._walk(x, hard, honour_settled=True)
         kept_matrix = torch.stack(kept, 1) if kept else x.new_zeros((x.shape[0], 0), dtype=torch.bool)
         return Decisions(h, kept_matrix)
+
+    def _route_one(self, x: torch.Tensor) -> Decisions:
+        """:meth:`route` for one sample when the controller decides every block from the input
+        (a policy network): its decisions are read once, as Python booleans, rather than one
+        tensor comparison per block; with every block settled the controller does not run."""
+        keeps = [fixed > 0 for fixed in self.settled]
+        if not all(self.settled):
+            logits = self.dyn.controller.start(x) + self.dyn.bias
+            keeps = [k if fixed else bool(v >= 0) for k, fixed, v in zip(keeps, self.settled, logits[0].tolist())]
+        h, index = x, 0
+        for unit, skipped, droppable in zip(self.units, self.skipped_units, self.droppable):
+            if droppable:
+                h = unit(h) if keeps[index] else skipped(h)
+                index += 1
+            else:
+                h = unit(h)
+        return Decisions(h, torch.tensor([keeps], dtype=torch.bool, device=x.device))
 
     def _walk(self, x: torch.Tensor, run_block, honour_settled: bool = False) -> tuple[torch.Tensor, list]:
         """Run the units in turn; at each droppable one, the controller's keep-logit (plus

@@ -40,6 +40,12 @@ def _stem(in_channels: int, width: int, stride: int) -> nn.Sequential:
     return nn.Sequential(conv, nn.BatchNorm2d(width), nn.ReLU())
 
 
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bias-free convolution followed by BatchNorm in eval mode, as one convolution."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return conv.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+
+
 class PolicyNetwork(DynModule):
     """A small ResNet on the downsampled input with one keep-logit per droppable block.
 
@@ -89,13 +95,53 @@ class PolicyNetwork(DynModule):
         nn.init.constant_(self.head.bias, init_logit)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Keep-logits ``(batch, blocks)`` for the images ``x``."""
+        """Keep-logits ``(batch, blocks)`` for the images ``x``.
+
+        In eval mode every BatchNorm is folded into the convolution before it: half the
+        operations, which is what the policy's time at batch 1 is made of.
+        """
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
-        h = self.stages(self.stem(x))
+        if self.training or not isinstance(self.stem[1], nn.BatchNorm2d):  # (export swaps its own norm in)
+            h = self.stages(self.stem(x))
+        else:
+            h = self._folded_features(x)
         return self.head(h.mean((2, 3)))
 
+    def _folded_features(self, x: torch.Tensor) -> torch.Tensor:
+        convs = iter(self._folded_convs())
+        stem_conv = self.stem[0]
+        h = F.relu(F.conv2d(x, *next(convs), stem_conv.stride, stem_conv.padding))
+        if len(self.stem) > 3:
+            h = self.stem[3](h)  # the ImageNet stem's max pooling
+        for block in self.stages:
+            out = F.relu(F.conv2d(h, *next(convs), block.conv1.stride, 1))
+            out = F.conv2d(out, *next(convs), 1, 1)
+            if isinstance(block.shortcut, nn.Identity):
+                h = F.relu(out + h)
+            else:
+                h = F.relu(out + F.conv2d(h, *next(convs), block.shortcut[0].stride))
+        return h
+
+    def _folded_convs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(weight, bias) of every convolution with its BatchNorm folded in, in the order
+        :meth:`_folded_features` uses them. Cached under inference mode, where nothing can
+        train; the cache is keyed on the tensors' versions, so a change to any is seen."""
+        pairs = [(self.stem[0], self.stem[1])]
+        for block in self.stages:
+            pairs += [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+            if not isinstance(block.shortcut, nn.Identity):
+                pairs.append((block.shortcut[0], block.shortcut[1]))
+        # (torch.compile and torch.export trace the folding itself; they cannot ask about inference mode)
+        if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
+            return [_fold(conv, bn) for conv, bn in pairs]
+        key = tuple((id(t), t._version) for t in [*self.parameters(), *self.buffers()])
+        if getattr(self, "_folded_cache", (None,))[0] != key:
+            self._folded_cache = (key, [_fold(conv, bn) for conv, bn in pairs])
+        return self._folded_cache[1]
+
     independent_decisions = True  # every keep-logit comes from the image, at the start
+    decides_at_start = True  # ``start`` returns every keep-logit; ``decide`` reads no feature
 
     def start(self, x: torch.Tensor) -> torch.Tensor:
         """Decide every block at once; the logits are the state."""

@@ -36,7 +36,9 @@ class BlockDropConfig:
     learns), or ``none``, the shortcut alone. ``correction_epochs``/``correction_flops_ratio``/
     ``correction_lr``: after the policy has learned, fit the corrections to its greedy decisions
     at the offset where they cost that FLOPs ratio (0 epochs: off); the calibration sweep then
-    also tries offsets around that one.
+    also tries offsets around that one. ``settle``: after calibration, blocks the policy keeps
+    for every calibration image, or for none, are fixed that way (no per-block decision at run
+    time; the policy still runs for the others), as SkipNet does.
     """
 
     input_size: int = 16
@@ -55,6 +57,7 @@ class BlockDropConfig:
     correction_epochs: int = 0
     correction_flops_ratio: float = 0.65
     correction_lr: float = 3e-3
+    settle: bool = True
     exclude: list[str] = field(default_factory=list)
     calibration_offsets: list[float] = field(
         default_factory=lambda: [-2.0, -1.5, -1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
@@ -101,7 +104,7 @@ class BlockDrop(Strategy):
     config_class = BlockDropConfig
 
     @staticmethod
-    def prepare(model, recipe, config: BlockDropConfig, example, num_classes, blocks=None, tuned=None):
+    def prepare(model, recipe, config: BlockDropConfig, example, num_classes, blocks=None, settled=None, tuned=None):
         if recipe.train.tune_backbone:
             raise DynconvertError(
                 "blockdrop keeps the backbone frozen while the policy learns; to tune it, set "
@@ -118,7 +121,7 @@ class BlockDrop(Strategy):
                 stem_stride=config.stem_stride,
             ).eval()
 
-        dyn = common.build_block_skip_model(gm, units, example, make_policy, config.skip_correction)
+        dyn = common.build_block_skip_model(gm, units, example, make_policy, config.skip_correction, settled)
         if tuned:
             common.own_tuned_units(dyn, tuned)
             dyn.plan["replay"]["tuned"] = sorted(set(tuned))
@@ -139,6 +142,8 @@ class BlockDrop(Strategy):
             static_logits = common.teacher_logits(dyn, data.calibration, prep, recipe)
             history += finetune_jointly(dyn, data, prep, recipe, config, checkpointer)
         calibration = common.calibrate_bias(dyn, data.calibration, prep, recipe, offsets, static_logits)
+        if config.settle:
+            calibration["settled"] = common.settle_constant_decisions(dyn, data.calibration, prep, recipe)
         return {"train": history, **calibration}
 
     @staticmethod
