@@ -187,6 +187,14 @@ def test_the_eval_policy_with_batchnorm_folded_equals_the_unfolded_one():
         policy.stem[0].weight.mul_(2.0)
     with torch.inference_mode():
         assert not torch.equal(policy.logits(x), cached)
+    # so does a state loaded into a policy built under inference mode, whose tensors keep no version
+    with torch.no_grad():
+        expected = policy.logits(x)
+    with torch.inference_mode():
+        rebuilt = type(policy)(dyn.num_blocks).eval()
+        rebuilt.logits(x)
+        rebuilt.load_state_dict(policy.state_dict())
+        assert_close(rebuilt.logits(x), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_corrections_are_fitted_to_the_greedy_policy_at_the_flops_target(monkeypatch):

@@ -93,6 +93,20 @@ class PolicyNetwork(DynModule):
         self.head = nn.Linear(widths[-1], num_blocks)
         nn.init.zeros_(self.head.weight)
         nn.init.constant_(self.head.bias, init_logit)
+        self._folded_cache: tuple = (None,)
+        # loading writes into the same tensors, and under inference mode leaves no version behind
+        self.register_load_state_dict_post_hook(lambda module, keys: module._forget_folding())
+
+    def _forget_folding(self) -> None:
+        self._folded_cache = (None,)
+
+    def train(self, mode: bool = True):
+        self._forget_folding()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._forget_folding()
+        return super()._apply(fn, recurse)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Keep-logits ``(batch, blocks)`` for the images ``x``.
@@ -123,10 +137,14 @@ class PolicyNetwork(DynModule):
                 h = F.relu(out + F.conv2d(h, *next(convs), block.shortcut[0].stride))
         return h
 
+    def _state_tensors(self) -> list[torch.Tensor]:
+        return [*self.parameters(), *self.buffers()]
+
     def _folded_convs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(weight, bias) of every convolution with its BatchNorm folded in, in the order
         :meth:`_folded_features` uses them. Cached under inference mode, where nothing can
-        train; the cache is keyed on the tensors' versions, so a change to any is seen."""
+        train; loading a state, moving the module and switching mode clear the cache, and it is
+        keyed on the tensors' versions, so an in-place change to any is seen too."""
         pairs = [(self.stem[0], self.stem[1])]
         for block in self.stages:
             pairs += [(block.conv1, block.bn1), (block.conv2, block.bn2)]
@@ -135,8 +153,9 @@ class PolicyNetwork(DynModule):
         # (torch.compile and torch.export trace the folding itself; they cannot ask about inference mode)
         if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
             return [_fold(conv, bn) for conv, bn in pairs]
-        key = tuple((id(t), t._version) for t in [*self.parameters(), *self.buffers()])
-        if getattr(self, "_folded_cache", (None,))[0] != key:
+        # inference tensors (a model loaded or moved under inference mode) keep no version
+        key = tuple((id(t), t.data_ptr(), -1 if t.is_inference() else t._version) for t in self._state_tensors())
+        if self._folded_cache[0] != key:
             self._folded_cache = (key, [_fold(conv, bn) for conv, bn in pairs])
         return self._folded_cache[1]
 
