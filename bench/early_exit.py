@@ -1,17 +1,23 @@
 """Early exit on the pretrained CIFAR-10 ResNet-56, exactly as a user types it (defaults only).
 
-    python bench/early_exit.py [--datasets cifar10-jpeg cifar10-lossless]
+    python bench/early_exit.py [--datasets cifar10-jpeg cifar10-lossless] [--variants default latency]
 
 For each data set: fit and calibrate on its train split, evaluate on its whole test split.
-Writes bench/results/early_exit.json and copies each run's report.png next to it.
+Variants: ``default`` (the command as a user types it), ``latency`` (the same with
+``--set calibrate.cost=latency``: exits costed in measured batch-1 time, written to the folder
+with a ``-latency`` suffix). Writes bench/results/early_exit.json (rows of runs not repeated
+are kept) and copies each run's report.png next to it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 
 from common import OUT, RESULTS, SHARED, machine, run_cli, write_result
+
+VARIANTS = {"default": [], "latency": ["--set", "calibrate.cost=latency"]}
 
 
 def main() -> None:
@@ -19,10 +25,12 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["cifar10-jpeg", "cifar10-lossless"])
     parser.add_argument("--model", default="cifar_resnet56")
     parser.add_argument("--weights", default=str(SHARED / "models" / "resnet56-4bfd9763.th"))
+    parser.add_argument("--variants", nargs="+", default=["default"], choices=sorted(VARIANTS))
     args = parser.parse_args()
     rows = []
-    for name in args.datasets:
-        out = OUT / f"early-exit-{args.model}-{name}"
+    for name, variant in [(n, v) for n in args.datasets for v in args.variants]:
+        suffix = "" if variant == "default" else f"-{variant}"
+        out = OUT / f"early-exit-{args.model}-{name}{suffix}"
         command = [
             args.model,
             "--strategy",
@@ -31,12 +39,14 @@ def main() -> None:
             args.weights,
             "--data",
             str(SHARED / "data" / name),
+            *VARIANTS[variant],
         ]
         report, seconds = run_cli(command, out)
-        shutil.copy(out / "report.png", RESULTS / f"early_exit_{args.model}_{name}.png")
+        shutil.copy(out / "report.png", RESULTS / f"early_exit_{args.model}_{name}{suffix}.png")
         rows.append(
             {
                 "data": name,
+                "variant": variant,
                 "command": "dynconvert " + " ".join(command),
                 "splits": report["splits"],
                 "evaluated_samples": report["evaluated_samples"],
@@ -56,6 +66,11 @@ def main() -> None:
             f"{name}: {100 * report['static']['accuracy']:.2f}% -> {100 * report['dynamic']['accuracy']:.2f}%, "
             f"FLOPs ratio {report['flops_ratio']:.3f}, {seconds / 60:.1f} min"
         )
+    previous = RESULTS / "early_exit.json"
+    if previous.is_file():  # keep the rows of runs not repeated this time
+        ran = {(r["data"], r["variant"]) for r in rows}
+        earlier = json.loads(previous.read_text())["runs"]
+        rows = [r for r in earlier if (r["data"], r.get("variant", "default")) not in ran] + rows
     write_result("early_exit", {"machine": machine(), "runs": rows})
 
 

@@ -22,7 +22,8 @@ def early_exit(data: dict) -> str:
         c = r["calibration_check"]
         bound = c.get("estimated_accuracy_drop_bound_95")
         rows.append(
-            f"| {r['data']} ({r['evaluated_samples']:,}) | {100 * r['static_accuracy']:.2f}% | "
+            f"| {r['data']}{', latency-costed' if r.get('variant') == 'latency' else ''} "
+            f"({r['evaluated_samples']:,}) | {100 * r['static_accuracy']:.2f}% | "
             f"{100 * r['dynamic_accuracy']:.2f}% | {r['accuracy_change_points']:+.2f} pt | {r['flops_ratio']:.3f} | "
             f"{' / '.join(str(n) for n in r['exit_histogram'])} | {100 * c['estimated_accuracy_drop']:.2f} pt"
             f"{f' ({100 * bound:.2f})' if bound is not None else ''} | {r['conversion_seconds'] / 60:.1f} min |"
