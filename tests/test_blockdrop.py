@@ -119,6 +119,16 @@ def test_sub_batches_equal_running_each_sample_alone():
             alone = dyn.route(x[i : i + 1])
             assert torch.equal(alone.kept[0], batched.kept[i])
             assert_close(alone.logits[0], batched.logits[i], atol=1e-5, rtol=1e-5)
+        dyn.settled[0], dyn.settled[1] = 1, -1  # settled blocks: the same at batch 1 and in a batch
+        batched = dyn.route(x)
+        assert batched.kept[:, 0].all() and not batched.kept[:, 1].any()
+        for i in range(len(x)):
+            alone = dyn.route(x[i : i + 1])
+            assert torch.equal(alone.kept[0], batched.kept[i])
+            assert_close(alone.logits[0], batched.logits[i], atol=1e-5, rtol=1e-5)
+        dyn.settled = [1] * dyn.num_blocks  # every block settled: the policy is not run at batch 1
+        dyn.dyn.controller.start = lambda images: pytest.fail("the policy ran")
+        assert dyn.route(x[:1]).kept.all()
 
 
 def test_reward_and_probability_bounding():
