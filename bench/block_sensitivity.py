@@ -23,14 +23,7 @@ from dynconvert.strategies import get_strategy
 
 @torch.inference_mode()
 def accuracy(dyn, x, y, keep) -> float:
-    h, j = x, 0
-    for unit, skipped, droppable in zip(dyn.units, dyn.skipped_units, dyn.droppable):
-        if droppable:
-            h = unit(h) if keep[j] else skipped(h)
-            j += 1
-        else:
-            h = unit(h)
-    return float((h.argmax(1) == y).float().mean())
+    return float((dyn.run_fixed(x, keep).argmax(1) == y).float().mean())
 
 
 def main() -> None:

@@ -162,6 +162,11 @@ class BlockSkipModel(nn.Module):
         if not all(self.settled):
             logits = self.dyn.controller.start(x) + self.dyn.bias
             keeps = [k if fixed else bool(v >= 0) for k, fixed, v in zip(keeps, self.settled, logits[0].tolist())]
+        return Decisions(self.run_fixed(x, keeps), torch.tensor([keeps], dtype=torch.bool, device=x.device))
+
+    def run_fixed(self, x: torch.Tensor, keeps: list[bool]) -> torch.Tensor:
+        """The network with the same decisions for every sample, one Python bool per droppable
+        block: kept blocks run in full, the others in their skipped form; no controller runs."""
         h, index = x, 0
         for unit, skipped, droppable in zip(self.units, self.skipped_units, self.droppable):
             if droppable:
@@ -169,7 +174,7 @@ class BlockSkipModel(nn.Module):
                 index += 1
             else:
                 h = unit(h)
-        return Decisions(h, torch.tensor([keeps], dtype=torch.bool, device=x.device))
+        return h
 
     def _walk(self, x: torch.Tensor, run_block, honour_settled: bool = False) -> tuple[torch.Tensor, list]:
         """Run the units in turn; at each droppable one, the controller's keep-logit (plus

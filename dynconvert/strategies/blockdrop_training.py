@@ -216,15 +216,10 @@ def finetune_jointly(
                 backbone.append(param)
     controller = dyn.dyn.controller
     controller.train()
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": inserted, "lr": config.finetune_lr},
-            {"params": backbone, "lr": cfg.backbone_lr},
-        ],
-        weight_decay=cfg.weight_decay,
+    optimizer, scheduler, params = common.adamw_with_cosine(
+        inserted, backbone, config.finetune_lr, cfg, config.finetune_epochs, len(data.fit)
     )
     steps = max(1, config.finetune_epochs * math.ceil(len(data.fit) / cfg.batch_size))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     generator = torch.Generator().manual_seed(recipe.seed + 1)
     mask = decided_mask(dyn.num_blocks, dyn.num_blocks, recipe.device)
     progress = checkpointer.begin("fine-tuning", config.finetune_epochs, dyn, optimizer, scheduler, generator)
@@ -240,7 +235,7 @@ def finetune_jointly(
         return policy_loss + task_loss, task_loss, stats
 
     # a block no sample of a rank's share keeps gets no gradient there
-    step = distributed.wrap_step([*inserted, *backbone], step, find_unused=True)
+    step = distributed.wrap_step(params, step, find_unused=True)
     with tqdm(total=steps, initial=progress.step, desc="fine-tune jointly", unit="step") as bar:
         for epoch in range(progress.epoch, config.finetune_epochs):
             order = progress.epoch_order(lambda: torch.randperm(len(data.fit), generator=generator))
