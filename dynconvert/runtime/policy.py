@@ -93,12 +93,12 @@ class PolicyNetwork(DynModule):
         self.head = nn.Linear(widths[-1], num_blocks)
         nn.init.zeros_(self.head.weight)
         nn.init.constant_(self.head.bias, init_logit)
-        self._folded_cache: tuple = (None,)
+        self._folded_cache: tuple = (None, None, None)  # (tensors, their versions, folded convs)
         # loading writes into the same tensors, and under inference mode leaves no version behind
         self.register_load_state_dict_post_hook(lambda module, keys: module._forget_folding())
 
     def _forget_folding(self) -> None:
-        self._folded_cache = (None,)
+        self._folded_cache = (None, None, None)
 
     def train(self, mode: bool = True):
         self._forget_folding()
@@ -137,27 +137,36 @@ class PolicyNetwork(DynModule):
                 h = F.relu(out + F.conv2d(h, *next(convs), block.shortcut[0].stride))
         return h
 
-    def _state_tensors(self) -> list[torch.Tensor]:
-        return [*self.parameters(), *self.buffers()]
-
-    def _folded_convs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(weight, bias) of every convolution with its BatchNorm folded in, in the order
-        :meth:`_folded_features` uses them. Cached under inference mode, where nothing can
-        train; loading a state, moving the module and switching mode clear the cache, and it is
-        keyed on the tensors' versions, so an in-place change to any is seen too."""
+    def _fold_pairs(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
         pairs = [(self.stem[0], self.stem[1])]
         for block in self.stages:
             pairs += [(block.conv1, block.bn1), (block.conv2, block.bn2)]
             if not isinstance(block.shortcut, nn.Identity):
                 pairs.append((block.shortcut[0], block.shortcut[1]))
+        return pairs
+
+    def _folded_convs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(weight, bias) of every convolution with its BatchNorm folded in, in the order
+        :meth:`_folded_features` uses them. Cached under inference mode, where nothing can
+        train. Loading a state, moving the module and switching mode clear the cache; an
+        in-place change to a folded tensor is seen through its version. Replacing a parameter
+        or a layer by another object is not: switch mode (``.eval()``) after doing so."""
         # (torch.compile and torch.export trace the folding itself; they cannot ask about inference mode)
         if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
-            return [_fold(conv, bn) for conv, bn in pairs]
-        # inference tensors (a model loaded or moved under inference mode) keep no version
-        key = tuple((id(t), t.data_ptr(), -1 if t.is_inference() else t._version) for t in self._state_tensors())
-        if self._folded_cache[0] != key:
-            self._folded_cache = (key, [_fold(conv, bn) for conv, bn in pairs])
-        return self._folded_cache[1]
+            return [_fold(conv, bn) for conv, bn in self._fold_pairs()]
+        # checking the cached tensors' versions costs a few microseconds; walking the module for
+        # its tensors would cost as much as several of the policy's convolutions at batch 1
+        cached = self._folded_cache
+        if cached[0] is not None and all(t._version == v for t, v in zip(cached[0], cached[1])):
+            return cached[2]
+        pairs = self._fold_pairs()
+        tensors = [t for conv, bn in pairs for t in (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)]
+        # inference tensors (a model loaded or moved under inference mode) keep no version and
+        # cannot be written in place outside inference mode: only the others are watched
+        watched = [t for t in tensors if not t.is_inference()]
+        folded = [_fold(conv, bn) for conv, bn in pairs]
+        self._folded_cache = (watched, [t._version for t in watched], folded)
+        return folded
 
     independent_decisions = True  # every keep-logit comes from the image, at the start
     decides_at_start = True  # ``start`` returns every keep-logit; ``decide`` reads no feature
