@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from dynconvert.errors import DynconvertError
+from dynconvert.progress import set_quiet
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for all
     quiet = args.quiet or not main_rank
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    set_quiet(quiet)
     try:
         from dynconvert.convert.pipeline import convert_recipe, default_output
         from dynconvert.recipe import build_recipe
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dynconvert: interrupted", file=sys.stderr)
         return 130
+    finally:
+        set_quiet(False)
     if not main_rank:
         return 0
     r = dyn.report

@@ -118,3 +118,19 @@ def test_debug_shows_the_exception(tiny_data, tmp_path):
 
     with pytest.raises(DynconvertError, match="unknown strategy"):
         main(["cifar_resnet20", "--data", str(tiny_data), "--strategy", "nope", "--debug", "--out", str(tmp_path)])
+
+
+def test_quiet_hides_the_progress_bars(tiny_data, tmp_path, monkeypatch):
+    from dynconvert import progress
+
+    seen = []
+    monkeypatch.setattr(progress, "tqdm", lambda *args, **kwargs: seen.append(kwargs.get("disable")) or iter(()))
+    progress.set_quiet(True)
+    progress.progress_bar(range(3))
+    progress.set_quiet(False)
+    progress.progress_bar(range(3))  # not quiet: tqdm's own default (TQDM_DISABLE in this test session)
+    assert seen == [True, None]
+    quiet_during_run = []
+    monkeypatch.setattr("dynconvert.cli.set_quiet", lambda quiet: quiet_during_run.append(quiet))
+    main(["cifar_resnet20", "--data", str(tiny_data), "--strategy", "nope", "--out", str(tmp_path), "-q"])
+    assert quiet_during_run == [True, False]  # on while it runs, off again after

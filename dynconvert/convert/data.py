@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from dynconvert.errors import DynconvertError
+from dynconvert.progress import progress_bar
 from dynconvert.recipe import DataConfig
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def decode_split(dataset, image_column: str, label_column: str, prep: Preprocess
     _, height, width = prep.input_size
     images = torch.empty((len(raw), 3, height, width), dtype=torch.uint8)
     column = raw[image_column]
-    for i, item in enumerate(tqdm(column, desc=f"decode {name}", unit="img", mininterval=1.0)):
+    for i, item in enumerate(progress_bar(column, desc=f"decode {name}", unit="img", mininterval=1.0)):
         images[i] = torch.from_numpy(_decode(item, prep)).permute(2, 0, 1)
     if cache_file:
         cache_file.parent.mkdir(parents=True, exist_ok=True)

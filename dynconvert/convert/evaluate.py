@@ -7,17 +7,17 @@ import time
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from dynconvert.convert.data import ImageSplit, Preprocess, normalize
 from dynconvert.convert.train import batches
+from dynconvert.progress import progress_bar
 
 
 @torch.inference_mode()
 def evaluate_static(model: nn.Module, split: ImageSplit, prep: Preprocess, batch_size: int, device: str) -> dict:
     """Top-1 accuracy of the original network on ``split``."""
     correct = 0
-    for images, labels, _ in tqdm(
+    for images, labels, _ in progress_bar(
         batches(split, prep, batch_size, device), desc="evaluate static", total=-(-len(split) // batch_size)
     ):
         correct += int((model(images).argmax(1) == labels).sum())
@@ -32,7 +32,7 @@ def evaluate_dynamic(dyn, split: ImageSplit, prep: Preprocess, batch_size: int, 
     row per sample), ``flops_of(records)`` and ``summarize(records)`` (strategy-specific figures).
     """
     correct, records = 0, []
-    for images, labels, _ in tqdm(
+    for images, labels, _ in progress_bar(
         batches(split, prep, batch_size, device), desc="evaluate dynamic", total=-(-len(split) // batch_size)
     ):
         routed = dyn.route(images)

@@ -9,12 +9,12 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from dynconvert.convert import distributed
 from dynconvert.convert.checkpoint import Checkpointer
 from dynconvert.convert.data import ImageSplit, Preprocess, normalize
 from dynconvert.errors import DynconvertError
+from dynconvert.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def map_batches(
     """
     rows = distributed.my_rows(len(split)) if shard else torch.arange(len(split))
     outputs: list[list[torch.Tensor]] = []
-    with tqdm(total=len(rows), desc=desc, unit="img", mininterval=1.0) as bar:
+    with progress_bar(total=len(rows), desc=desc, unit="img", mininterval=1.0) as bar:
         for images, _, _ in batches(split, prep, batch_size, device, rows):
             outputs.append([o.float().cpu() for o in _flat(fn(images))])
             bar.update(len(images))
@@ -118,7 +118,7 @@ def fit_on_cached_features(
         )
 
     step = distributed.wrap_step(parameters, step)
-    for epoch in tqdm(range(progress.epoch, config.epochs), desc=desc, unit="epoch"):
+    for epoch in progress_bar(range(progress.epoch, config.epochs), desc=desc, unit="epoch"):
         order = progress.epoch_order(lambda: torch.randperm(len(labels), generator=generator))
         for start in range(progress.batch * config.batch_size, len(order), config.batch_size):
             index = distributed.shard(order[start : start + config.batch_size])

@@ -8,7 +8,6 @@ import logging
 import math
 
 import torch
-from tqdm.auto import tqdm
 
 from dynconvert.convert import distributed
 from dynconvert.convert.calibrate import drop_upper_bound
@@ -19,6 +18,7 @@ from dynconvert.convert.train import batches, check_finite, distillation_loss, f
 from dynconvert.errors import DynconvertError
 from dynconvert.passes.analysis import is_channels_last, single_live_nodes
 from dynconvert.passes.residual import find_units, full_form, shortcut_shape, skipped_form
+from dynconvert.progress import progress_bar
 from dynconvert.runtime.block_skip import BlockSkipModel
 from dynconvert.runtime.corrections import SkipCorrection, correction_rank
 
@@ -193,7 +193,7 @@ def calibrate_bias(
     static_hits = (static_pred == reference).float()
     sweep = []
     # the last offset opens every gate: the original network, always within any accuracy budget
-    for offset in tqdm([*offsets, ALL_OPEN], desc="calibrate", unit="offset"):
+    for offset in progress_bar([*offsets, ALL_OPEN], desc="calibrate", unit="offset"):
         dyn.dyn.bias.fill_(offset)
         preds, kept = _route_all(dyn, split, prep, recipe)
         drop, bound = drop_upper_bound(static_hits - (preds == reference).float())
@@ -365,7 +365,7 @@ def run_epochs(
     """
     cfg = recipe.train
     steps = max(1, epochs * math.ceil(len(data.fit) / cfg.batch_size))
-    with tqdm(total=steps, initial=progress.step, desc=f"train {stage}", unit="step") as bar:
+    with progress_bar(total=steps, initial=progress.step, desc=f"train {stage}", unit="step") as bar:
         for epoch in range(progress.epoch, epochs):
             order = progress.epoch_order(lambda: torch.randperm(len(data.fit), generator=generator))
             for images, labels, index, n_global in train_batches(

@@ -12,11 +12,11 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import tqdm
 
 from dynconvert.convert import distributed
 from dynconvert.convert.checkpoint import Checkpointer
 from dynconvert.convert.train import check_finite, distillation_loss, map_batches, train_batches
+from dynconvert.progress import progress_bar
 from dynconvert.runtime.block_skip import BlockSkipModel
 from dynconvert.strategies import block_skip_common as common
 
@@ -155,7 +155,7 @@ def train_policy(
         return loss, out, stats
 
     step_fn = distributed.wrap_step(params, step, find_unused=corrections)
-    with tqdm(total=total, initial=progress.step, desc="train policy", unit="step") as bar:
+    with progress_bar(total=total, initial=progress.step, desc="train policy", unit="step") as bar:
         for epoch in range(progress.epoch, cfg.epochs):
             order = progress.epoch_order(lambda: torch.randperm(len(data.fit), generator=generator))
             for images, labels, index, n_global in train_batches(
@@ -236,7 +236,7 @@ def finetune_jointly(
 
     # a block no sample of a rank's share keeps gets no gradient there
     step = distributed.wrap_step(params, step, find_unused=True)
-    with tqdm(total=steps, initial=progress.step, desc="fine-tune jointly", unit="step") as bar:
+    with progress_bar(total=steps, initial=progress.step, desc="fine-tune jointly", unit="step") as bar:
         for epoch in range(progress.epoch, config.finetune_epochs):
             order = progress.epoch_order(lambda: torch.randperm(len(data.fit), generator=generator))
             for images, labels, index, n_global in train_batches(
