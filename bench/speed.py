@@ -1,6 +1,7 @@
 """Saved FLOPs against saved time: static and dynamic models measured side by side.
 
     python bench/speed.py [MODEL_DIR ...] [--images 500] [--rounds 3] [--memory-format channels_last]
+                          [--device cuda]
 
 Each MODEL_DIR is a conversion's output folder (default: every folder under bench/out that
 holds a model; named folders replace their own rows and keep the other models' rows). In one
@@ -13,6 +14,11 @@ time). Both models run in the same memory format: PyTorch's default (contiguous)
 also timed in throughput mode (``route_stream``: all images at once, every segment in full
 batches) against the static model over the same images in batches. Writes
 bench/results/speed.json and bench/results/speed.png.
+
+On a GPU (``--device cuda``, the default where one is present) both models and the images
+live on the GPU, every call is timed with CUDA events (from before the call is issued to after
+its last kernel) and the results go to speed-cuda.json / speed-cuda.png; where there is none,
+the JSON says the GPU was not measured.
 """
 
 from __future__ import annotations
@@ -34,20 +40,26 @@ FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channel
 
 
 def timed(fn, x) -> float:
+    """Seconds one call ``fn(x)`` takes: CUDA events on a GPU, the wall clock on a CPU."""
+    if x.is_cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(x)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
     start = time.perf_counter()
     fn(x)
-    if x.is_cuda:
-        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
 @torch.inference_mode()
-def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: str) -> dict:
+def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: str, device: str = "cpu") -> dict:
     fmt = FORMATS[memory_format]
-    dyn = dynconvert.load(folder).eval().to(memory_format=fmt)
-    static = build_model(dyn.recipe.model).eval().to(memory_format=fmt)
+    dyn = dynconvert.load(folder).eval().to(device=device, memory_format=fmt)
+    static = build_model(dyn.recipe.model).eval().to(device=device, memory_format=fmt)
     data = load_conversion_data(dyn.recipe.data, dyn.preprocess, dyn.recipe.seed).evaluation
-    x = normalize(data.images[:images], dyn.preprocess).contiguous(memory_format=fmt)
+    x = normalize(data.images[:images], dyn.preprocess).to(device).contiguous(memory_format=fmt)
     records = torch.cat([dyn.decision_record(dyn.route(x[i : i + batch])) for i in range(0, len(x), batch)])
     flops_ratio = float(dyn.flops_of(records).mean()) / dyn.static_flops()
     for model in (static, dyn):  # warm-up
@@ -84,6 +96,8 @@ def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: s
         "images": len(x),
         "rounds": rounds,
         "memory_format": memory_format,
+        "device": torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu",
+        "timer": "CUDA events" if x.is_cuda else "time.perf_counter",
         "flops_ratio": flops_ratio,
     }
     measured = [("batch1", single), (f"batch{batch}", batched)]
@@ -112,7 +126,7 @@ def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: s
     return result
 
 
-def plot(results: list[dict], path: Path, batch: int) -> None:
+def plot(results: list[dict], path: Path, batch: int, where: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,7 +147,7 @@ def plot(results: list[dict], path: Path, batch: int) -> None:
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks(list(xs), labels, fontsize=7)
     ax.set_ylabel("dynamic / static")
-    ax.set_title("cifar_resnet56 on this CPU: FLOPs and wall-clock ratios", fontsize=10)
+    ax.set_title(f"cifar_resnet56 on {where}: FLOPs and wall-clock ratios", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
@@ -152,22 +166,42 @@ def main() -> None:
         default="contiguous",
         help="layout of images and conv weights, the same for the static and the dynamic model",
     )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where both models run (default: the GPU where there is one)",
+    )
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no GPU visible to PyTorch on this machine")
     folders = args.folders or sorted(p for p in OUT.iterdir() if (p / "model" / "meta.json").is_file())
     results = []
     for folder in folders:
-        result = measure(folder, args.images, args.rounds, args.batch, args.memory_format)
+        result = measure(folder, args.images, args.rounds, args.batch, args.memory_format, args.device)
         results.append(result)
         print(
             f"{result['strategy']:>10} {folder.name}: FLOPs {result['flops_ratio']:.3f}, time batch 1 "
             f"{result['batch1']['time_ratio']:.3f}, batch {args.batch} {result[f'batch{args.batch}']['time_ratio']:.3f}"
         )
-    gpu = "measured" if torch.cuda.is_available() else "not measured: no GPU on this machine"
-    name = "speed" if args.memory_format == "contiguous" else f"speed-{args.memory_format}"
+    if args.device == "cuda":
+        gpu = f"measured on {torch.cuda.get_device_name(0)}"
+    elif torch.cuda.is_available():
+        gpu = "not measured: --device cpu"
+    else:
+        gpu = "not measured: no GPU on this machine"
+    name = "-".join(
+        [
+            "speed",
+            *(["cuda"] if args.device == "cuda" else []),
+            *([args.memory_format] if args.memory_format != "contiguous" else []),
+        ]
+    )
     if args.folders:  # the models named were re-measured; the others keep their rows
         results = with_earlier_rows(name, results)
     write_result(name, {"machine": machine(), "gpu": gpu, "memory_format": args.memory_format, "results": results})
-    plot(results, RESULTS / f"{name}.png", args.batch)
+    where = torch.cuda.get_device_name(0) if args.device == "cuda" else "this CPU"
+    plot(results, RESULTS / f"{name}.png", args.batch, where)
 
 
 if __name__ == "__main__":
