@@ -69,7 +69,7 @@ def test_correction_maps_channels_of_each_layout(shape, conv):
     correction = SkipCorrection(shape, channels_last=is_channels_last(shape))
     assert isinstance(correction.map, torch.nn.Conv2d) == conv
     x = torch.randn(2, *shape)
-    assert correction(x).shape == x.shape and not correction(x).any()
+    assert torch.equal(correction(x), x)  # an untrained correction is the plain shortcut
 
 
 def tiny(strategy, tiny_data, tiny_weights, out, **options):
@@ -113,4 +113,26 @@ def test_wide_shortcuts_get_a_factored_correction_within_a_twelfth_of_the_branch
     assert rank is not None and 1 <= rank < 2048
     correction = SkipCorrection((2048, 7, 7), rank=rank)
     assert count_flops(correction, torch.randn(1, 2048, 7, 7)) <= bottleneck_branch / 12 * 1.01
-    assert not correction(torch.randn(1, 2048, 7, 7)).any()
+    x = torch.randn(1, 2048, 7, 7)
+    assert torch.equal(correction(x), x)
+
+
+@pytest.mark.parametrize("shape", [(16, 8, 8), (8, 8, 96), (197, 192)])
+def test_the_eval_correction_folds_the_skip_into_one_product(shape):
+    from dynconvert.passes.analysis import is_channels_last
+
+    correction = SkipCorrection(shape, channels_last=is_channels_last(shape)).eval()
+    torch.nn.init.normal_(correction.map.weight, std=0.1)
+    torch.nn.init.normal_(correction.map.bias, std=0.1)
+    x = torch.randn(3, *shape)
+    with torch.no_grad():
+        expected = x + correction.map(x)
+    with torch.inference_mode():
+        folded = correction(x)
+        assert correction.cached_folding() is not None
+    assert_close(folded, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # a change to the weights reaches the cached folding
+        correction.map.weight.mul_(2.0)
+        expected = x + correction.map(x)
+    with torch.inference_mode():
+        assert_close(correction(x), expected, rtol=1e-5, atol=1e-5)

@@ -140,17 +140,18 @@ def shortcut_shape(gm: fx.GraphModule, unit: Unit) -> tuple[int, ...] | None:
 
 def skipped_form(gm: fx.GraphModule, unit: Unit, correction: torch.nn.Module | None = None) -> fx.GraphModule:
     """The unit with its residual branch removed: the addition returns the shortcut alone, or,
-    with a ``correction`` module, ``shortcut + correction(shortcut)`` (the module is shared, not copied)."""
+    with a ``correction`` module, ``correction(shortcut)`` in its place (a
+    :class:`~dynconvert.runtime.corrections.SkipCorrection` gives ``shortcut + map(shortcut)``;
+    the module is shared, not copied)."""
     segment = extract_segment(gm, unit.start, unit.end)
     add = next(n for n in segment.graph.nodes if n.name == unit.add_node)
     shortcut = add.args[unit.shortcut_operand]
-    if correction is not None:  # the addition stays, its residual operand becomes the correction
+    if correction is not None:  # the correction computes what the addition did: shortcut + map(shortcut)
         segment.add_submodule("skip_correction", correction)
         with segment.graph.inserting_before(add):
             corrected = segment.graph.call_module("skip_correction", (shortcut,))
-        args = list(add.args)
-        args[1 - unit.shortcut_operand] = corrected
-        add.args = tuple(args)
+        add.replace_all_uses_with(corrected)
+        segment.graph.erase_node(add)
     else:
         if _feeds_in_place_op(segment, add):
             # the addition made a fresh tensor; without it an in-place activation would overwrite the

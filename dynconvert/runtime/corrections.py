@@ -3,7 +3,7 @@
 A frozen backbone was trained with every block in place; the layers after a skipped block
 expect its contribution. The correction adds a per-position linear map of the shortcut
 (a 1x1 convolution on (C, H, W) maps, a linear layer on the last dimension of tokens and
-(H, W, C) maps) where the residual branch was: ``shortcut + correction(shortcut)``. It starts
+(H, W, C) maps) where the residual branch was: ``shortcut + map(shortcut)``. The map starts
 at zero, so an untrained correction is the plain shortcut, and it costs at most a twelfth of the
 branch it stands in for (full rank on a BasicBlock; factored through fewer channels on the wide
 shortcuts of bottleneck blocks).
@@ -14,13 +14,16 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from dynconvert.runtime.modules import DynModule
+from dynconvert.runtime.folding import FoldsForInference
 
 
-class SkipCorrection(DynModule):
-    """``correction(shortcut)``, zero at initialisation.
+class SkipCorrection(FoldsForInference):
+    """``shortcut + map(shortcut)``: what a skipped block's addition yields; ``map`` is zero at
+    initialisation. In eval mode under inference mode a full-rank map and the skip are one
+    product, ``(map + identity)(shortcut)``: at batch 1, one operation instead of two.
 
     Args:
         feature_shape: shape of one sample's shortcut, ``(C, H, W)``, ``(H, W, C)``, ``(T, D)`` or ``(D,)``.
@@ -48,7 +51,21 @@ class SkipCorrection(DynModule):
         nn.init.zeros_(last.bias)
 
     def forward(self, shortcut: torch.Tensor) -> torch.Tensor:
-        return self.map(shortcut)
+        folded = None if self.training else self.cached_folding()
+        if folded is None:
+            return shortcut + self.map(shortcut)
+        weight, bias = folded
+        return F.conv2d(shortcut, weight, bias) if self.conv else F.linear(shortcut, weight, bias)
+
+    def _fold_sources(self) -> list[torch.Tensor]:
+        return list(self.map.parameters())
+
+    def _fold(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not isinstance(self.map, (nn.Conv2d, nn.Linear)):
+            return None  # a factored map: the product through fewer channels is already cheap
+        weight = self.map.weight
+        identity = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        return weight + identity.view(weight.shape), self.map.bias
 
 
 def correction_rank(feature_shape: tuple[int, ...], channels_last: bool, branch_flops: float) -> int | None:

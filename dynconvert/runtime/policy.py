@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynconvert.runtime.modules import DynModule
+from dynconvert.runtime.folding import FoldsForInference
 
 STEM_STRIDES = (1, 2, 4)
 
@@ -40,13 +40,13 @@ def _stem(in_channels: int, width: int, stride: int) -> nn.Sequential:
     return nn.Sequential(conv, nn.BatchNorm2d(width), nn.ReLU())
 
 
-def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+def _fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """A bias-free convolution followed by BatchNorm in eval mode, as one convolution."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     return conv.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
 
 
-class PolicyNetwork(DynModule):
+class PolicyNetwork(FoldsForInference):
     """A small ResNet on the downsampled input with one keep-logit per droppable block.
 
     ``start(x)`` resizes ``x`` to ``input_size`` px, runs a stem and one :class:`PolicyBlock`
@@ -93,20 +93,6 @@ class PolicyNetwork(DynModule):
         self.head = nn.Linear(widths[-1], num_blocks)
         nn.init.zeros_(self.head.weight)
         nn.init.constant_(self.head.bias, init_logit)
-        self._folded_cache: tuple = (None, None, None)  # (tensors, their versions, folded convs)
-        # loading writes into the same tensors, and under inference mode leaves no version behind
-        self.register_load_state_dict_post_hook(lambda module, keys: module._forget_folding())
-
-    def _forget_folding(self) -> None:
-        self._folded_cache = (None, None, None)
-
-    def train(self, mode: bool = True):
-        self._forget_folding()
-        return super().train(mode)
-
-    def _apply(self, fn, recurse: bool = True):
-        self._forget_folding()
-        return super()._apply(fn, recurse)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Keep-logits ``(batch, blocks)`` for the images ``x``.
@@ -145,28 +131,18 @@ class PolicyNetwork(DynModule):
                 pairs.append((block.shortcut[0], block.shortcut[1]))
         return pairs
 
+    def _fold_sources(self) -> list[torch.Tensor]:
+        pairs = self._fold_pairs()
+        return [t for conv, bn in pairs for t in (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)]
+
+    def _fold(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [_fold_batchnorm(conv, bn) for conv, bn in self._fold_pairs()]
+
     def _folded_convs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(weight, bias) of every convolution with its BatchNorm folded in, in the order
-        :meth:`_folded_features` uses them. Cached under inference mode, where nothing can
-        train. Loading a state, moving the module and switching mode clear the cache; an
-        in-place change to a folded tensor is seen through its version. Replacing a parameter
-        or a layer by another object is not: switch mode (``.eval()``) after doing so."""
-        # (torch.compile and torch.export trace the folding itself; they cannot ask about inference mode)
-        if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
-            return [_fold(conv, bn) for conv, bn in self._fold_pairs()]
-        # checking the cached tensors' versions costs a few microseconds; walking the module for
-        # its tensors would cost as much as several of the policy's convolutions at batch 1
-        cached = self._folded_cache
-        if cached[0] is not None and all(t._version == v for t, v in zip(cached[0], cached[1])):
-            return cached[2]
-        pairs = self._fold_pairs()
-        tensors = [t for conv, bn in pairs for t in (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)]
-        # inference tensors (a model loaded or moved under inference mode) keep no version and
-        # cannot be written in place outside inference mode: only the others are watched
-        watched = [t for t in tensors if not t.is_inference()]
-        folded = [_fold(conv, bn) for conv, bn in pairs]
-        self._folded_cache = (watched, [t._version for t in watched], folded)
-        return folded
+        :meth:`_folded_features` uses them; cached under inference mode (see :class:`FoldsForInference`)."""
+        cached = self.cached_folding()
+        return self._fold() if cached is None else cached
 
     independent_decisions = True  # every keep-logit comes from the image, at the start
     decides_at_start = True  # ``start`` returns every keep-logit; ``decide`` reads no feature

@@ -1,0 +1,63 @@
+"""Weights folded for inference, cached while nothing can change them.
+
+At batch 1 an inserted module's time is in its number of operations, not their FLOPs, so in
+eval mode some fold two operations into one (a BatchNorm into the convolution before it, a skip
+connection into its correction). The folded weights are computed once under inference mode,
+where nothing trains, and computed again when a tensor they come from is written in place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dynconvert.runtime.modules import DynModule
+
+
+class FoldsForInference(DynModule):
+    """Base of inserted modules with folded weights: subclasses give ``_fold_sources`` (the
+    tensors the folding reads) and ``_fold`` (the folded weights, or None where nothing folds).
+
+    Loading a state, moving the module and switching mode forget the folding; an in-place change
+    to a source tensor is seen through its version. Replacing a parameter or a layer by another
+    object is not: switch mode (``.eval()``) after doing so.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._folding: tuple = (None, None, None)  # (watched tensors, their versions, folded weights)
+        # loading writes into the same tensors, and under inference mode leaves no version behind
+        self.register_load_state_dict_post_hook(lambda module, keys: module._forget_folding())
+
+    def _fold_sources(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def _fold(self):
+        raise NotImplementedError
+
+    def _forget_folding(self) -> None:
+        self._folding = (None, None, None)
+
+    def train(self, mode: bool = True):
+        self._forget_folding()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._forget_folding()
+        return super()._apply(fn, recurse)
+
+    def cached_folding(self):
+        """The folded weights, cached; None outside inference mode and while torch.compile or
+        torch.export traces (they cannot ask about inference mode), where nothing is cached."""
+        if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
+            return None
+        # checking the versions costs a few microseconds; walking the module for its tensors
+        # would cost as much as several small convolutions at batch 1
+        watched, versions, folded = self._folding
+        if watched is not None and all(t._version == v for t, v in zip(watched, versions)):
+            return folded
+        # inference tensors (a model loaded or moved under inference mode) keep no version and
+        # cannot be written in place outside inference mode: only the others are watched
+        watched = [t for t in self._fold_sources() if not t.is_inference()]
+        folded = self._fold()
+        self._folding = (watched, [t._version for t in watched], folded)
+        return folded
