@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dynconvert.errors import DynconvertError
-from dynconvert.runtime.block_skip import BlockSkipModel
+from dynconvert.runtime.block_skip import BlockSkipModel, walk_units
 from dynconvert.runtime.confidence import confidence
 from dynconvert.runtime.early_exit import EarlyExitModel
 from dynconvert.runtime.stage_exits import StageExitModel
@@ -203,7 +203,6 @@ class BlockSkipGraph(nn.Module):
         self.controller = frozen_copy(dyn.dyn.controller)
         self.droppable = list(dyn.droppable)
         self.settled = list(dyn.settled)
-        self.independent = getattr(dyn.dyn.controller, "independent_decisions", False)
         self.register_buffer("bias", dyn.dyn.bias.detach().clone())
         self.unit_shapes, _ = _stage_shapes(self.units, example)
 
@@ -218,25 +217,16 @@ class BlockSkipGraph(nn.Module):
         )
 
     def _run(self, x: torch.Tensor, block) -> tuple[torch.Tensor, torch.Tensor]:
-        state = self.controller.start(x)
-        kept, index, h = [], 0, x
-        for i, unit in enumerate(self.units):
-            if not self.droppable[i]:
-                h = unit(h)
-                continue
-            fixed = self.settled[index]
-            if fixed:  # as in the runtime: no gate, no branch (a recurrent gate still steps)
-                if not self.independent:
-                    _, state = self.controller.decide(index, h, state)
-                kept.append(torch.full((x.shape[0],), fixed > 0, dtype=torch.bool, device=x.device))
-                h = unit(h) if fixed > 0 else self.skipped_units[i](h)
-                index += 1
-                continue
-            logit, state = self.controller.decide(index, h, state)
-            score = logit + self.bias[index]
-            kept.append(score >= 0)
-            index += 1
-            h = block(i, h, score)
+        h, kept = walk_units(
+            x,
+            self.units,
+            self.skipped_units,
+            self.droppable,
+            self.settled,
+            self.controller,
+            self.bias,
+            lambda i, score, h: (block(i, h, score), score >= 0),
+        )
         if not kept:
             return h, x.new_zeros((x.shape[0], 0), dtype=torch.bool)
         return h, torch.stack(kept, 1)

@@ -53,6 +53,37 @@ def _select_rows(h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return selected if fmt is torch.contiguous_format else selected.contiguous(memory_format=fmt)
 
 
+def walk_units(x, units, skipped_units, droppable, settled, controller, bias, run_block) -> tuple[torch.Tensor, list]:
+    """Run the units in turn, as the runtime and the exported graph both do.
+
+    At a droppable block, a settled decision (``settled``, one per block: 1 always runs, -1
+    never, 0 decided per sample) runs the block or its skipped form for every sample and its
+    record is that decision; a controller whose decisions depend on each other (a recurrent
+    gate) still steps through it, an independent one computes nothing. Otherwise the
+    controller's keep-logit plus ``bias[index]`` goes to ``run_block(i, score, h) -> (output,
+    record)``, ``i`` the unit's position. Returns the output and one record per droppable block.
+    """
+    independent = getattr(controller, "independent_decisions", False)
+    state = controller.start(x)
+    records, index, h = [], 0, x
+    for i, (unit, skipped, is_droppable) in enumerate(zip(units, skipped_units, droppable)):
+        if not is_droppable:
+            h = unit(h)
+            continue
+        fixed = settled[index]
+        if fixed:
+            if not independent:
+                _, state = controller.decide(index, h, state)
+            h = unit(h) if fixed > 0 else skipped(h)
+            records.append(torch.full((x.shape[0],), fixed > 0, dtype=torch.bool, device=x.device))
+        else:
+            logit, state = controller.decide(index, h, state)
+            h, record = run_block(i, logit + bias[index], h)
+            records.append(record)
+        index += 1
+    return h, records
+
+
 def _run_block(full: nn.Module, skipped: nn.Module, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     if h.shape[0] == 1:
         return full(h) if bool(keep) else skipped(h)
@@ -177,34 +208,19 @@ class BlockSkipModel(nn.Module):
         return h
 
     def _walk(self, x: torch.Tensor, run_block, honour_settled: bool = False) -> tuple[torch.Tensor, list]:
-        """Run the units in turn; at each droppable one, the controller's keep-logit (plus
-        ``dyn.bias``) goes to ``run_block(logit, unit, skipped, h) -> (output, record)``.
-        Returns the network's output and the records, one per droppable block.
-
-        With ``honour_settled``, settled blocks run (or not) for every sample, their record is
-        the keep decision, and their gate is not even computed when the controller's decisions
-        are independent of each other.
-        """
-        controller = self.dyn.controller
-        independent = getattr(controller, "independent_decisions", False)
-        state = controller.start(x)
-        records, index, h = [], 0, x
-        for unit, skipped, droppable in zip(self.units, self.skipped_units, self.droppable):
-            if not droppable:
-                h = unit(h)
-                continue
-            fixed = self.settled[index] if honour_settled else 0
-            if fixed:
-                if not independent:  # a recurrent gate still carries its state through
-                    _, state = controller.decide(index, h, state)
-                h = unit(h) if fixed > 0 else skipped(h)
-                records.append(torch.full((x.shape[0],), fixed > 0, dtype=torch.bool, device=x.device))
-            else:
-                logit, state = controller.decide(index, h, state)
-                h, record = run_block(logit + self.dyn.bias[index], unit, skipped, h)
-                records.append(record)
-            index += 1
-        return h, records
+        """:func:`walk_units` over this model's units; ``run_block(score, unit, skipped, h) ->
+        (output, record)``. Without ``honour_settled`` every block is decided by the controller."""
+        settled = self.settled if honour_settled else [0] * self.num_blocks
+        return walk_units(
+            x,
+            self.units,
+            self.skipped_units,
+            self.droppable,
+            settled,
+            self.dyn.controller,
+            self.dyn.bias,
+            lambda i, score, h: run_block(score, self.units[i], self.skipped_units[i], h),
+        )
 
     def settle(self, kept: torch.Tensor) -> None:
         """Fix the decision of every block that ``kept`` (decisions on calibration data, (samples,
