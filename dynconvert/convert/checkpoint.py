@@ -165,7 +165,8 @@ class Checkpointer:
         state of ``dyn``, ``optimizer``, ``scheduler``, ``generator`` and the random states back.
         """
         if self.stage is not None and self.stage.name != name:
-            self.finished[self.stage.name] = self.stage.progress.history
+            # a copy: the stage's caller may extend the list it was given
+            self.finished[self.stage.name] = list(self.stage.progress.history)
         progress = Progress()
         if name in self.finished:
             progress = Progress(epoch=epochs, history=list(self.finished[name]))

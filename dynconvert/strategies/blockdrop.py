@@ -129,8 +129,7 @@ class BlockDrop(Strategy):
 
     @staticmethod
     def fit(dyn, data, prep, recipe, config: BlockDropConfig, checkpointer=None) -> dict:
-        # a copy: the stage's own list is the checkpoint's record of it, and must not grow
-        history = list(train_policy(dyn, data, prep, recipe, config, checkpointer))
+        history = train_policy(dyn, data, prep, recipe, config, checkpointer)
         offsets = list(config.calibration_offsets)
         if config.correction_epochs > 0:
             fitted, offset = fit_corrections(dyn, data, prep, recipe, config, checkpointer)

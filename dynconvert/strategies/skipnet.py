@@ -86,18 +86,15 @@ class SkipNet(Strategy):
             tuned = common.tunable_units(dyn, recipe.train.tune_backbone, "train.tune_backbone")
             common.own_tuned_units(dyn, tuned)
             dyn.plan["replay"]["tuned"] = tuned
-        # a copy: the stage's own list is the checkpoint's record of it, and must not grow
-        history = list(
-            common.train_relaxed(
-                dyn,
-                data,
-                prep,
-                recipe,
-                config.target_flops_ratio,
-                config.cost_weight,
-                recipe.train.tune_backbone,
-                checkpointer,
-            )
+        history = common.train_relaxed(
+            dyn,
+            data,
+            prep,
+            recipe,
+            config.target_flops_ratio,
+            config.cost_weight,
+            recipe.train.tune_backbone,
+            checkpointer,
         )
         history += train_hybrid_rl(dyn, data, prep, recipe, config.rl_epochs, config.rl_skip_reward, checkpointer)
         calibration = common.calibrate_bias(
