@@ -295,6 +295,11 @@ def trainable_parts(dyn: BlockSkipModel, tune: list[str]) -> tuple[list, list]:
     return inserted, [p for p in backbone_params.values() if all(p is not q for q in inserted)]
 
 
+def training_steps(epochs: int, samples: int, batch_size: int) -> int:
+    """Optimizer steps in ``epochs`` epochs over ``samples`` in batches of ``batch_size`` (at least 1)."""
+    return max(1, epochs * math.ceil(samples / batch_size))
+
+
 def adamw_with_cosine(inserted: list, backbone: list, lr: float, train_config, epochs: int, samples: int):
     """AdamW over the inserted parameters at ``lr`` and the tuned backbone ones at
     ``train.backbone_lr``, with a cosine schedule over ``epochs`` epochs of ``samples``;
@@ -303,7 +308,7 @@ def adamw_with_cosine(inserted: list, backbone: list, lr: float, train_config, e
     if backbone:
         groups.append({"params": backbone, "lr": train_config.backbone_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=train_config.weight_decay)
-    steps = max(1, epochs * math.ceil(samples / train_config.batch_size))
+    steps = training_steps(epochs, samples, train_config.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     return optimizer, scheduler, [*inserted, *backbone]
 
@@ -364,7 +369,7 @@ def run_epochs(
     Checkpoints after every step and epoch.
     """
     cfg = recipe.train
-    steps = max(1, epochs * math.ceil(len(data.fit) / cfg.batch_size))
+    steps = training_steps(epochs, len(data.fit), cfg.batch_size)
     with progress_bar(total=steps, initial=progress.step, desc=f"train {stage}", unit="step") as bar:
         for epoch in range(progress.epoch, epochs):
             order = progress.epoch_order(lambda: torch.randperm(len(data.fit), generator=generator))

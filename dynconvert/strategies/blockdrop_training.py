@@ -219,7 +219,7 @@ def finetune_jointly(
     optimizer, scheduler, params = common.adamw_with_cosine(
         inserted, backbone, config.finetune_lr, cfg, config.finetune_epochs, len(data.fit)
     )
-    steps = max(1, config.finetune_epochs * math.ceil(len(data.fit) / cfg.batch_size))
+    steps = common.training_steps(config.finetune_epochs, len(data.fit), cfg.batch_size)
     generator = torch.Generator().manual_seed(recipe.seed + 1)
     mask = decided_mask(dyn.num_blocks, dyn.num_blocks, recipe.device)
     progress = checkpointer.begin("fine-tuning", config.finetune_epochs, dyn, optimizer, scheduler, generator)
