@@ -13,10 +13,9 @@ evaluates on the whole test split. Writes bench/results/STRATEGY.json and each r
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 
-from common import OUT, RESULTS, SHARED, machine, run_cli, write_result
+from common import OUT, RESULTS, SHARED, machine, run_cli, with_earlier_rows, write_result
 
 VARIANTS = {
     "default": [],
@@ -74,10 +73,8 @@ def main() -> None:
             f"{100 * report['dynamic']['accuracy']:.2f}%, FLOPs ratio {report['flops_ratio']:.3f}, "
             f"{seconds / 60:.1f} min"
         )
-    previous = RESULTS / f"{args.strategy}.json"
-    if previous.is_file():  # keep the rows of variants not run this time
-        ran = {r["variant"] for r in rows}
-        rows = [r for r in json.loads(previous.read_text())["runs"] if r["variant"] not in ran] + rows
+    # keep the rows of variants not run this time
+    rows = with_earlier_rows(args.strategy, rows, "runs", key=lambda r: r["variant"])
     write_result(args.strategy, {"machine": machine(), "data": args.data, "runs": rows})
 
 

@@ -56,16 +56,17 @@ def run_cli(args: list[str], out: Path, cold_cache: bool = True) -> tuple[dict, 
     return json.loads((out / "report.json").read_text()), seconds
 
 
-def with_earlier_rows(name: str, rows: list[dict], field: str = "results") -> list[dict]:
-    """``rows`` after the rows of ``bench/results/NAME.json`` (list ``field``) for model folders
-    (``model_dir``, matched by name) none of them measured: re-measuring some models keeps the
-    others' figures, each from its own run."""
+def with_earlier_rows(name: str, rows: list[dict], field: str = "results", key=None) -> list[dict]:
+    """``rows`` after the rows of ``bench/results/NAME.json`` (list ``field``) that none of them
+    replaces: re-measuring some keeps the others' figures, each from its own run. Rows are
+    matched by ``key(row)``, by default the name of the model folder (``model_dir``)."""
+    key = key or (lambda r: Path(r["model_dir"]).name)
     path = RESULTS / f"{name}.json"
     if not path.is_file():
         return rows
-    measured = {Path(r["model_dir"]).name for r in rows}
+    measured = {key(r) for r in rows}
     earlier = json.loads(path.read_text())[field]
-    return [r for r in earlier if Path(r["model_dir"]).name not in measured] + rows
+    return [r for r in earlier if key(r) not in measured] + rows
 
 
 def write_result(name: str, data: dict) -> Path:

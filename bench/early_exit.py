@@ -12,10 +12,9 @@ are kept) and copies each run's report.png next to it.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 
-from common import OUT, RESULTS, SHARED, machine, run_cli, write_result
+from common import OUT, RESULTS, SHARED, machine, run_cli, with_earlier_rows, write_result
 
 VARIANTS = {"default": [], "latency": ["--set", "calibrate.cost=latency"]}
 
@@ -66,11 +65,8 @@ def main() -> None:
             f"{name}: {100 * report['static']['accuracy']:.2f}% -> {100 * report['dynamic']['accuracy']:.2f}%, "
             f"FLOPs ratio {report['flops_ratio']:.3f}, {seconds / 60:.1f} min"
         )
-    previous = RESULTS / "early_exit.json"
-    if previous.is_file():  # keep the rows of runs not repeated this time
-        ran = {(r["data"], r["variant"]) for r in rows}
-        earlier = json.loads(previous.read_text())["runs"]
-        rows = [r for r in earlier if (r["data"], r.get("variant", "default")) not in ran] + rows
+    # keep the rows of runs not repeated this time
+    rows = with_earlier_rows("early_exit", rows, "runs", key=lambda r: (r["data"], r.get("variant", "default")))
     write_result("early_exit", {"machine": machine(), "runs": rows})
 
 
