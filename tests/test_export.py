@@ -71,6 +71,11 @@ def images(n=80):
 CASES = {
     "early-exit": ("early-exit", ["options.fractions=[0.3,0.6]"], "gather"),
     "early-exit-cond": ("early-exit", ["options.fractions=[0.3,0.6]"], "cond"),
+    "early-exit-layernorm": (
+        "early-exit",
+        ["options.fractions=[0.3,0.6]", "options.head_norm=layer", "options.head_activation=gelu"],
+        "gather",
+    ),
     "skipnet": ("skipnet", ["options.gate=feedforward"], "cond"),
     "skipnet-recurrent": ("skipnet", ["options.gate=recurrent"], "gather"),
     "blockdrop": ("blockdrop", [], "gather"),

@@ -111,6 +111,8 @@ def test_int_is_accepted_where_a_float_is_expected():
         ("device=tpu", "device"),
         ("options.fractions=[0.2, 1.2]", "options.fractions"),
         ("options.head_pool=0", "options.head_pool"),
+        ("options.head_norm=group", "options.head_norm"),
+        ("options.head_activation=tanh", "options.head_activation"),
         ("options.token_pooling=max", "options.token_pooling"),
     ],
 )

@@ -107,7 +107,8 @@ class EarlyExitGraph(nn.Module):
         current.append(dyn.segments[-1])
         stages.append(nn.Sequential(*current))
         self.stages = frozen_copy(nn.ModuleList(stages))
-        self.heads = frozen_copy(nn.ModuleList(heads))
+        # not frozen: a head folds its own BatchNorm into its first layer in eval mode
+        self.heads = copy.deepcopy(nn.ModuleList(heads)).eval().requires_grad_(False)
         self.register_buffer("thresholds", torch.tensor([thresholds[k] for k in self.exit_index]))
         self.stage_shapes, self.num_classes = _stage_shapes(self.stages, example)
         self.register_buffer("temperatures", torch.tensor([temperatures[k] for k in self.exit_index]))

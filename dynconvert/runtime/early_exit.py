@@ -159,7 +159,7 @@ class EarlyExitModel(nn.Module):
             if thresholds[k] > 1.0:
                 continue
             logits = self.dyn.exits[k](h)
-            if row_confidence(logits[0].tolist(), temperatures[k], self.criterion) >= thresholds[k]:
+            if row_confidence(logits.tolist()[0], temperatures[k], self.criterion) >= thresholds[k]:
                 return Routed(logits, torch.tensor([k], device=x.device))
         return Routed(self.segments[-1](h), torch.tensor([self.num_exits], device=x.device))
 

@@ -6,11 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynconvert.runtime.modules import DynModule
+from dynconvert.runtime.folding import FoldsForInference
+
+NORMS = ("layer", "batch")
+ACTIVATIONS = ("gelu", "relu")
 
 
-class ExitHead(DynModule):
-    """Pool a feature map (or pick/average tokens), then a LayerNorm and a small MLP.
+class ExitHead(FoldsForInference):
+    """Pool a feature map (or pick/average tokens), normalise, then a small MLP.
 
     The head is split in two so a frozen backbone's features can be cached: ``features``
     has no parameters, ``classify`` holds everything that is trained.
@@ -18,10 +21,13 @@ class ExitHead(DynModule):
     Args:
         feature_shape: shape of one sample's input feature, ``(C, H, W)`` or ``(T, D)``.
         num_classes: classes to predict.
-        pool: output side of the adaptive average pooling for spatial maps.
+        pool: output side of the average pooling for spatial maps.
         hidden: width of the hidden layer (0 for a linear head).
         tokens: for token sequences, ``"cls"`` (first token) or ``"mean"``.
         channels_last: spatial maps arrive as ``(H, W, C)`` (timm's NHWC models).
+        norm: ``"layer"`` (LayerNorm, per sample) or ``"batch"`` (BatchNorm over the training
+            features; in eval it folds into the first linear layer, one operation fewer).
+        activation: ``"gelu"`` or ``"relu"``.
     """
 
     def __init__(
@@ -32,23 +38,36 @@ class ExitHead(DynModule):
         hidden: int = 256,
         tokens: str = "mean",
         channels_last: bool = False,
+        norm: str = "layer",
+        activation: str = "gelu",
     ):
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"unknown head norm '{norm}': choose one of {', '.join(NORMS)}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown head activation '{activation}': choose one of {', '.join(ACTIVATIONS)}")
         self.feature_shape = tuple(feature_shape)
         self.spatial = len(feature_shape) == 3
         self.channels_last = channels_last
         self.tokens = tokens
+        self.norm = norm
+        self.activation = activation
+        self.pool_kernel = None
         if self.spatial:
             channels, height, width = self._chw(feature_shape)
             self.pool_hw = (min(pool, height), min(pool, width))
+            if height % self.pool_hw[0] == 0 and width % self.pool_hw[1] == 0:
+                # the same averages as adaptive pooling, by a cheaper kernel
+                self.pool_kernel = (height // self.pool_hw[0], width // self.pool_hw[1])
             in_features = channels * self.pool_hw[0] * self.pool_hw[1]
         elif len(feature_shape) == 2:
             in_features = feature_shape[1]
         else:
             raise ValueError(f"an exit head reads (C, H, W) maps or (T, D) tokens, got shape {feature_shape}")
-        layers: list[nn.Module] = [nn.LayerNorm(in_features)]
+        layers: list[nn.Module] = [nn.LayerNorm(in_features) if norm == "layer" else nn.BatchNorm1d(in_features)]
+        act = nn.GELU() if activation == "gelu" else nn.ReLU()
         if hidden:
-            layers += [nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, num_classes)]
+            layers += [nn.Linear(in_features, hidden), act, nn.Linear(hidden, num_classes)]
         else:
             layers.append(nn.Linear(in_features, num_classes))
         self.classifier = nn.Sequential(*layers)
@@ -62,18 +81,45 @@ class ExitHead(DynModule):
         if self.spatial:
             if self.channels_last:
                 x = x.permute(0, 3, 1, 2)
+            if self.pool_kernel is not None:
+                return F.avg_pool2d(x, self.pool_kernel).flatten(1)
             return F.adaptive_avg_pool2d(x, self.pool_hw).flatten(1)
         return x[:, 0] if self.tokens == "cls" else x.mean(1)
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         """The trained part: logits from pooled features."""
-        # the classifier's layers called as functions: at batch 1 a head's few small products
+        norm, first, *rest = self.classifier
+        if self.norm == "batch":
+            if self.training:
+                h = F.linear(norm(features), first.weight, first.bias)
+            else:
+                h = F.linear(features, *self._first_layer_folded())
+        else:
+            h = F.layer_norm(features, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+            h = F.linear(h, first.weight, first.bias)
+        # the remaining layers called as functions: at batch 1 a head's few small products
         # cost less than the module calls around them, and every exit reached pays for a head
-        norm, *layers = self.classifier
-        h = F.layer_norm(features, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        for layer in layers:
-            h = F.linear(h, layer.weight, layer.bias) if isinstance(layer, nn.Linear) else F.gelu(h)
+        for layer in rest:
+            if isinstance(layer, nn.Linear):
+                h = F.linear(h, layer.weight, layer.bias)
+            else:
+                h = F.gelu(h) if self.activation == "gelu" else F.relu(h)
         return h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify(self.features(x))
+
+    def _first_layer_folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of the first linear layer with the evaluation-mode BatchNorm folded in."""
+        folded = self.cached_folding()
+        return folded if folded is not None else self._fold()
+
+    def _fold_sources(self) -> list[torch.Tensor]:
+        norm, first = self.classifier[0], self.classifier[1]
+        return [norm.weight, norm.bias, norm.running_mean, norm.running_var, first.weight, first.bias]
+
+    def _fold(self) -> tuple[torch.Tensor, torch.Tensor]:
+        norm, first = self.classifier[0], self.classifier[1]
+        scale = torch.rsqrt(norm.running_var + norm.eps) * norm.weight
+        shift = norm.bias - norm.running_mean * scale
+        return first.weight * scale, first.bias + first.weight @ shift

@@ -34,7 +34,7 @@ from dynconvert.passes.analysis import is_channels_last
 from dynconvert.passes.stages import feature_info_modules, stage_points
 from dynconvert.recipe import _check_choice, _check_range
 from dynconvert.runtime.early_exit import EarlyExitModel
-from dynconvert.runtime.heads import ExitHead
+from dynconvert.runtime.heads import ACTIVATIONS, NORMS, ExitHead
 from dynconvert.runtime.stage_exits import StageExitModel
 from dynconvert.strategies.registry import Strategy, register_strategy
 
@@ -53,6 +53,8 @@ class EarlyExitConfig:
     fractions: list[float] = field(default_factory=lambda: [0.15, 0.3, 0.45, 0.6, 0.75, 0.9])
     head_pool: int = 4
     head_hidden: int = 256
+    head_norm: str = "layer"
+    head_activation: str = "gelu"
     token_pooling: str = "mean"
 
     def validate(self) -> None:
@@ -60,6 +62,8 @@ class EarlyExitConfig:
             _check_range("options.fractions", f, 0.0, 1.0)
         _check_range("options.head_pool", self.head_pool, 1, None)
         _check_range("options.head_hidden", self.head_hidden, 0, None)
+        _check_choice("options.head_norm", self.head_norm, NORMS)
+        _check_choice("options.head_activation", self.head_activation, ACTIVATIONS)
         _check_choice("options.token_pooling", self.token_pooling, ("mean", "cls"))
 
 
@@ -231,6 +235,8 @@ def _heads_for(points: list[CutPoint], num_classes: int, config: EarlyExitConfig
             config.head_hidden,
             config.token_pooling,
             is_channels_last(p.shape),
+            config.head_norm,
+            config.head_activation,
         )
         for p in points
     ]
