@@ -16,7 +16,13 @@ import dynconvert
 from dynconvert.convert import distributed
 
 CASES = {
-    "early-exit": {"train__epochs": 2, "options__fractions": [0.3, 0.6]},
+    # LayerNorm heads: BatchNorm heads normalise with each process's half of the batch
+    "early-exit": {
+        "train__epochs": 2,
+        "options__fractions": [0.3, 0.6],
+        "options__head_norm": "layer",
+        "options__head_activation": "gelu",
+    },
     # joint fine-tuning: blocks a rank's share never runs get no gradient there
     "blockdrop": {"train__epochs": 1, "options__correction_epochs": 1, "options__finetune_epochs": 1},
 }

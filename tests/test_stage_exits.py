@@ -104,8 +104,10 @@ def test_save_load_round_trip(prepare_early_exit, tmp_path):
             for p in head.parameters():
                 p.add_(torch.randn_like(p) * 0.1)
     dyn.dyn.thresholds.fill_(0.5)
-    dyn.recipe = dynconvert.build_recipe(model="cifar_resnet20", overrides={"model.pretrained": False})
-    dyn.recipe.options = {"fractions": [0.2, 0.5, 0.8]}
+    # the recipe the model was prepared with, so the heads rebuilt on loading are the same
+    dyn.recipe = dynconvert.build_recipe(
+        model="cifar_resnet20", overrides={"model.pretrained": False, "options.fractions": [0.2, 0.5, 0.8]}
+    )
     dyn.base_info = {"num_classes": 4}
     dyn.save(tmp_path / "saved")
     loaded = dynconvert.load(tmp_path / "saved", model=model)
