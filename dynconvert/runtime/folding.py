@@ -13,6 +13,12 @@ import torch
 from dynconvert.runtime.modules import DynModule
 
 
+def batchnorm_scale_shift(bn: torch.nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """An affine BatchNorm in eval mode as ``x * scale + shift``, per channel."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
 class FoldsForInference(DynModule):
     """Base of inserted modules with folded weights: subclasses give ``_fold_sources`` (the
     tensors the folding reads) and ``_fold`` (the folded weights, or None where nothing folds).
@@ -61,3 +67,9 @@ class FoldsForInference(DynModule):
         folded = self._fold()
         self._folding = (watched, [t._version for t in watched], folded)
         return folded
+
+    def folded(self):
+        """The folded weights: cached under inference mode, computed afresh elsewhere (so that
+        torch.compile and torch.export trace the folding itself)."""
+        cached = self.cached_folding()
+        return self._fold() if cached is None else cached

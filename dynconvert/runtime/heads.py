@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynconvert.runtime.folding import FoldsForInference
+from dynconvert.runtime.folding import FoldsForInference, batchnorm_scale_shift
 
 NORMS = ("layer", "batch")
 ACTIVATIONS = ("gelu", "relu")
@@ -93,7 +93,7 @@ class ExitHead(FoldsForInference):
             if self.training:
                 h = F.linear(norm(features), first.weight, first.bias)
             else:
-                h = F.linear(features, *self._first_layer_folded())
+                h = F.linear(features, *self.folded())  # the BatchNorm folded into the first layer
         else:
             h = F.layer_norm(features, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
             h = F.linear(h, first.weight, first.bias)
@@ -109,17 +109,12 @@ class ExitHead(FoldsForInference):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify(self.features(x))
 
-    def _first_layer_folded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight, bias) of the first linear layer with the evaluation-mode BatchNorm folded in."""
-        folded = self.cached_folding()
-        return folded if folded is not None else self._fold()
-
     def _fold_sources(self) -> list[torch.Tensor]:
         norm, first = self.classifier[0], self.classifier[1]
         return [norm.weight, norm.bias, norm.running_mean, norm.running_var, first.weight, first.bias]
 
     def _fold(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of the first linear layer with the evaluation-mode BatchNorm folded in."""
         norm, first = self.classifier[0], self.classifier[1]
-        scale = torch.rsqrt(norm.running_var + norm.eps) * norm.weight
-        shift = norm.bias - norm.running_mean * scale
+        scale, shift = batchnorm_scale_shift(norm)
         return first.weight * scale, first.bias + first.weight @ shift

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynconvert.runtime.folding import FoldsForInference
+from dynconvert.runtime.folding import FoldsForInference, batchnorm_scale_shift
 
 STEM_STRIDES = (1, 2, 4)
 
@@ -42,8 +42,8 @@ def _stem(in_channels: int, width: int, stride: int) -> nn.Sequential:
 
 def _fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """A bias-free convolution followed by BatchNorm in eval mode, as one convolution."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return conv.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+    scale, shift = batchnorm_scale_shift(bn)
+    return conv.weight * scale.view(-1, 1, 1, 1), shift
 
 
 class PolicyNetwork(FoldsForInference):
@@ -109,7 +109,7 @@ class PolicyNetwork(FoldsForInference):
         return self.head(h.mean((2, 3)))
 
     def _folded_features(self, x: torch.Tensor) -> torch.Tensor:
-        convs = iter(self._folded_convs())
+        convs = iter(self.folded())
         stem_conv = self.stem[0]
         h = F.relu(F.conv2d(x, *next(convs), stem_conv.stride, stem_conv.padding))
         if len(self.stem) > 3:
@@ -136,13 +136,9 @@ class PolicyNetwork(FoldsForInference):
         return [t for conv, bn in pairs for t in (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)]
 
     def _fold(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [_fold_batchnorm(conv, bn) for conv, bn in self._fold_pairs()]
-
-    def _folded_convs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(weight, bias) of every convolution with its BatchNorm folded in, in the order
-        :meth:`_folded_features` uses them; cached under inference mode (see :class:`FoldsForInference`)."""
-        cached = self.cached_folding()
-        return self._fold() if cached is None else cached
+        :meth:`_folded_features` uses them."""
+        return [_fold_batchnorm(conv, bn) for conv, bn in self._fold_pairs()]
 
     independent_decisions = True  # every keep-logit comes from the image, at the start
     decides_at_start = True  # ``start`` returns every keep-logit; ``decide`` reads no feature
