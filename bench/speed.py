@@ -12,7 +12,11 @@ ratio of the same images, and their quotient (efficiency: 1.0 means every saved 
 time). Both models run in the same memory format: PyTorch's default (contiguous) unless
 ``--memory-format channels_last`` (written to speed-channels_last.json). Early-exit models are
 also timed in throughput mode (``route_stream``: all images at once, every segment in full
-batches) against the static model over the same images in batches. Writes
+batches) against the static model over the same images in batches. At batch 1 the backbone
+parts each image's decisions select are also timed alone, without exit heads, gates or policy
+network (``batch1_decisions_free``): the time ratio the model would reach if its decisions were
+free, so the gap to the FLOPs ratio splits into what the decisions cost and what the backbone's
+uneven FLOP rate costs. Writes
 bench/results/speed.json and bench/results/speed.png.
 
 On a GPU (``--device cuda``, the default where one is present) both models and the images
@@ -35,6 +39,8 @@ import dynconvert
 from dynconvert.convert.build import build_model
 from dynconvert.convert.data import load_conversion_data, normalize
 from dynconvert.convert.latency import early_exit_latency
+from dynconvert.runtime.block_skip import BlockSkipModel
+from dynconvert.runtime.early_exit import EarlyExitModel
 
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -53,6 +59,25 @@ def timed(fn, x) -> float:
     return time.perf_counter() - start
 
 
+def decision_free(dyn, record: torch.Tensor):
+    """For one image's decisions (its row of ``decision_record``), a call that runs only the
+    backbone parts they select, with no exit head, gate or policy network; None for runtime
+    models without such a form. Timing it bounds what any cheaper decision machinery could gain."""
+    if isinstance(dyn, EarlyExitModel):
+        segments = list(dyn.segments[: int(record) + 1])
+
+        def run(x):
+            for segment in segments:
+                x = segment(x)
+            return x
+
+        return run
+    if isinstance(dyn, BlockSkipModel):
+        keeps = [bool(v) for v in record.tolist()]
+        return lambda x: dyn.run_fixed(x, keeps)
+    return None
+
+
 @torch.inference_mode()
 def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: str, device: str = "cpu") -> dict:
     fmt = FORMATS[memory_format]
@@ -67,6 +92,13 @@ def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: s
             model(x[i : i + 1])
         model(x[:batch])
     single = {"static": [], "dynamic": []}
+    # the bound runs the dynamic model's own weights, so it is timed in a pass of its own (against
+    # the static model again) rather than next to the dynamic model, whose weights it would warm
+    free = [decision_free(dyn, r) for r in records[: len(x)]]
+    bound = {"static": [], "dynamic": []} if free[0] is not None else None
+    if bound is not None:
+        for i in range(20):
+            free[i](x[i : i + 1])
     batched = {"static": [], "dynamic": []}
     stream = {"static": [], "dynamic": []}
     for _ in range(rounds):
@@ -76,6 +108,13 @@ def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: s
                 totals[key] += timed(model, x[i : i + 1])
         for key in totals:
             single[key].append(totals[key] / len(x) * 1e3)
+        if bound is not None:
+            totals = {"static": 0.0, "dynamic": 0.0}
+            for i in range(len(x)):
+                totals["static"] += timed(static, x[i : i + 1])
+                totals["dynamic"] += timed(free[i], x[i : i + 1])
+            for key in totals:
+                bound[key].append(totals[key] / len(x) * 1e3)
         totals = {"static": 0.0, "dynamic": 0.0}
         n_batches = 0
         for i in range(0, len(x) - batch + 1, batch):
@@ -101,6 +140,8 @@ def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: s
         "flops_ratio": flops_ratio,
     }
     measured = [("batch1", single), (f"batch{batch}", batched)]
+    if bound is not None:
+        measured.append(("batch1_decisions_free", bound))
     if stream["dynamic"]:
         measured.append((f"stream{batch}", stream))
     for name, times in measured:

@@ -54,18 +54,21 @@ def block_skip(data: dict) -> str:
 
 def speed(data: dict) -> str:
     rows = [
-        "| model folder | FLOPs ratio | time ratio, batch 1 | time/FLOPs, batch 1 | time ratio, batch 64 | "
-        "time/FLOPs, batch 64 | time ratio, stream of 64s | time/FLOPs, stream | static ms (batch 1 / 64) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model folder | FLOPs ratio | time ratio, batch 1 | time/FLOPs, batch 1 | time/FLOPs, batch 1, "
+        "decisions free | time ratio, batch 64 | time/FLOPs, batch 64 | time ratio, stream of 64s | "
+        "time/FLOPs, stream | static ms (batch 1 / 64) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in data["results"]:
         b1, b64, stream = r["batch1"], r["batch64"], r.get("stream64")
         streamed = (
             f"{stream['time_ratio']:.3f} | {stream['time_ratio_over_flops_ratio']:.2f}" if stream else "n/a | n/a"
         )
+        free = r.get("batch1_decisions_free")
+        free_quotient = f"{free['time_ratio_over_flops_ratio']:.2f}" if free else "n/a"
         rows.append(
             f"| {Path(r['model_dir']).name} | {r['flops_ratio']:.3f} | {b1['time_ratio']:.3f} | "
-            f"{b1['time_ratio_over_flops_ratio']:.2f} | {b64['time_ratio']:.3f} | "
+            f"{b1['time_ratio_over_flops_ratio']:.2f} | {free_quotient} | {b64['time_ratio']:.3f} | "
             f"{b64['time_ratio_over_flops_ratio']:.2f} | {streamed} | {b1['static_ms']:.2f} / {b64['static_ms']:.1f} |"
         )
     return "\n".join(rows)
@@ -74,10 +77,12 @@ def speed(data: dict) -> str:
 def export(data: dict) -> str:
     rows = [
         "| model folder | FLOPs ratio | form | time ratio, batch 1 | time/FLOPs, batch 1 | time ratio, batch 64 "
-        "| check: max logit diff, decisions |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| check: max logit diff, decisions | static ms, batch 1: prepared / plain export |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in data["results"]:
+        ms = r["batch1"]["ms"]
+        static_ms = f"{ms['static']:.2f} / {ms['static_plain']:.2f}" if "static_plain" in ms else f"{ms['static']:.2f}"
         for form in ("gather", "cond"):
             b1, b64, check = r["batch1"][form], r["batch64"][form], r["check"][form]
             label = f"{form} (default)" if form == r["default_form"] else form
@@ -85,7 +90,7 @@ def export(data: dict) -> str:
             rows.append(
                 f"| {Path(r['model_dir']).name} | {r['flops_ratio']:.3f} | {label} | {b1['time_ratio']:.3f} | "
                 f"{b1['time_ratio_over_flops_ratio']:.3f} | {b64['time_ratio']:.3f} | "
-                f"{check['max_abs_logit_diff']:.1e}, {decisions} |"
+                f"{check['max_abs_logit_diff']:.1e}, {decisions} | {static_ms} |"
             )
     return "\n".join(rows)
 

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from dynconvert.errors import DynconvertError
+from dynconvert.export.frozen import frozen_copy
+from dynconvert.export.layout import prepare_layout
 from dynconvert.runtime.block_skip import BlockSkipModel, walk_units
 from dynconvert.runtime.confidence import confidence
 from dynconvert.runtime.early_exit import EarlyExitModel
@@ -23,39 +25,6 @@ def _check_sub_batch(h: torch.Tensor, rows: torch.Tensor, batch) -> None:
     torch._check(h.shape[0] >= 0)
     torch._check(h.shape[0] <= batch)
     torch._check(rows.shape[0] == h.shape[0])
-
-
-class FrozenBatchNorm(nn.Module):
-    """An evaluation-mode BatchNorm as a per-channel scale and shift.
-
-    torch.export's batch norm asks whether the batch is empty, which it cannot answer for
-    a sub-batch of data-dependent size; this form asks nothing.
-    """
-
-    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
-        super().__init__()
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = -bn.running_mean * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias
-        self.register_buffer("scale", scale.detach().clone())
-        self.register_buffer("shift", shift.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return x * self.scale.view(shape) + self.shift.view(shape)
-
-
-def frozen_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` with every evaluation-mode BatchNorm frozen to a scale and shift."""
-    module = copy.deepcopy(module).eval().requires_grad_(False)
-    for name, child in list(module.named_modules()):
-        if isinstance(child, nn.modules.batchnorm._BatchNorm) and child.track_running_stats:
-            parent_name, _, attr = name.rpartition(".")
-            setattr(module.get_submodule(parent_name), attr, FrozenBatchNorm(child))
-    return module
 
 
 def _rows(mask: torch.Tensor) -> torch.Tensor:
@@ -106,7 +75,7 @@ class EarlyExitGraph(nn.Module):
                 current = []
         current.append(dyn.segments[-1])
         stages.append(nn.Sequential(*current))
-        self.stages = frozen_copy(nn.ModuleList(stages))
+        self.stages = prepare_layout(frozen_copy(nn.ModuleList(stages)))
         # not frozen: a head folds its own BatchNorm into its first layer in eval mode
         self.heads = copy.deepcopy(nn.ModuleList(heads)).eval().requires_grad_(False)
         self.register_buffer("thresholds", torch.tensor([thresholds[k] for k in self.exit_index]))
@@ -199,8 +168,8 @@ class BlockSkipGraph(nn.Module):
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got '{form}'")
         self.form = form
-        self.units = frozen_copy(dyn.units)
-        self.skipped_units = frozen_copy(dyn.skipped_units)
+        self.units = prepare_layout(frozen_copy(dyn.units))
+        self.skipped_units = prepare_layout(frozen_copy(dyn.skipped_units))
         self.controller = frozen_copy(dyn.dyn.controller)
         self.droppable = list(dyn.droppable)
         self.settled = list(dyn.settled)

@@ -16,6 +16,7 @@ from torch import nn
 from dynconvert.errors import DynconvertError
 from dynconvert.export.check import check_batches, check_onnx
 from dynconvert.export.graphs import check_exportable, export_graph
+from dynconvert.export.layout import prepare_layout
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 4096
@@ -68,7 +69,7 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     try:
-        _export(graph, example, tmp)
+        _export(graph, example, tmp, OUTPUT_NAMES[type(graph).__name__])
         batches = check_batches(images, random_inputs, input_size)
         try:
             report = check_onnx(tmp, dyn, batches)
@@ -84,7 +85,36 @@ def export_onnx(
     return report
 
 
-def _export(graph: nn.Module, example: torch.Tensor, path: Path) -> None:
+def export_static_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *, overwrite: bool = False) -> Path:
+    """Export a static network to ONNX (batch dimension dynamic, output ``logits``) the way
+    :func:`export_onnx` exports the dynamic ones: traced with torch.fx and prepared for
+    onnxruntime's blocked convolution layout (see ``dynconvert.export.layout``), so the two
+    are compared like for like. A network torch.fx cannot trace is exported as it is.
+
+    Raises DynconvertError when ``path`` exists and ``overwrite`` is false, or when export fails.
+    """
+    from dynconvert.convert.trace import trace
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise DynconvertError(f"'{path}' exists; pass overwrite=True to replace it")
+    model = model.eval()
+    try:
+        graph = prepare_layout(trace(model))
+    except DynconvertError as exc:
+        log.warning("exporting %s without layout preparation: %s", type(model).__name__, exc)
+        graph = model
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        _export(graph, example, tmp, ["logits"])
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _export(graph: nn.Module, example: torch.Tensor, path: Path, output_names: list[str]) -> None:
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     try:
         with warnings.catch_warnings(), _quiet_exporter():
@@ -93,7 +123,7 @@ def _export(graph: nn.Module, example: torch.Tensor, path: Path) -> None:
                 graph,
                 (example,),
                 input_names=["x"],
-                output_names=OUTPUT_NAMES[type(graph).__name__],
+                output_names=output_names,
                 dynamic_shapes={"x": {0: batch}},
                 dynamo=True,
                 verbose=False,

@@ -1,0 +1,121 @@
+"""The export's layout preparation: identities only where onnxruntime would leave a residual
+sum in plain layout, values unchanged, and the sums fused in onnxruntime afterwards."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from dynconvert.convert.trace import trace
+from dynconvert.errors import DynconvertError
+from dynconvert.export.layout import blocked_identity, keep_blocked_layout, prepare_layout
+from dynconvert.models.cifar_resnet import CifarResNet
+
+
+def identities(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is blocked_identity]
+
+
+class Residuals(nn.Module):
+    """Two residual blocks on the input itself, as a segment after an exit receives it."""
+
+    def __init__(self, channels: int = 16):  # a multiple of onnxruntime's channel block (8 or 16)
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(4))
+
+    def forward(self, x):
+        for i in (0, 2):
+            x = F.relu(self.convs[i + 1](F.relu(self.convs[i](x))) + x)
+        return x
+
+
+def test_cifar_resnet_wraps_only_the_padded_shortcuts():
+    torch.manual_seed(0)
+    model = CifarResNet(depth=14, num_classes=4).eval()
+    gm = trace(model)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+        prepare_layout(gm)
+        got = gm(x)
+    wrapped = [n.args[0] for n in identities(gm)]
+    # two stages start with a subsampling, zero-padding shortcut; the identity shortcuts read
+    # the previous block's output, already in the convolutions' layout
+    assert len(wrapped) == 2
+    assert all(n.target is F.pad for n in wrapped)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_graph_input_feeding_a_sum_is_wrapped_once_for_all_its_uses():
+    gm = fx.symbolic_trace(Residuals())
+    keep_blocked_layout(gm)
+    (identity,) = identities(gm)
+    assert identity.args[0].op == "placeholder"
+    first_conv = next(n for n in gm.graph.nodes if n.op == "call_module")
+    assert first_conv.args[0] is identity  # the convolution shares the converted input
+
+
+def test_sums_without_convolutions_are_left_alone():
+    gm = fx.symbolic_trace(lambda a, b: torch.relu(a + b))
+    keep_blocked_layout(gm)
+    assert identities(gm) == []
+
+
+def test_non_map_operands_pass_through():
+    assert blocked_identity(torch.ones(2, 3)).shape == (2, 3)
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(blocked_identity(x), x)
+
+
+@pytest.fixture
+def ort_ops(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import onnx
+    import onnxruntime as ort
+
+    def optimized_ops(module: nn.Module, name: str) -> collections.Counter:
+        path, optimized = tmp_path / f"{name}.onnx", tmp_path / f"{name}-optimized.onnx"
+        torch.onnx.export(module, (torch.randn(1, 16, 16, 16),), str(path), dynamo=True, verbose=False)
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(optimized)
+        options.log_severity_level = 3
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return collections.Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+
+    return optimized_ops
+
+
+def test_onnxruntime_fuses_the_prepared_sums(ort_ops):
+    torch.manual_seed(0)
+    model = Residuals().eval()
+    plain = ort_ops(model, "plain")
+    prepared = ort_ops(keep_blocked_layout(fx.symbolic_trace(model)), "prepared")
+    assert plain["Add"] == 2  # both sums unfused: the first reads the graph input
+    assert prepared["Add"] == 0
+    assert prepared["MaxPool"] == 1
+
+
+def test_export_static_onnx_matches_torch_and_keeps_existing_files(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import onnxruntime as ort
+
+    from dynconvert.export import export_static_onnx
+
+    torch.manual_seed(0)
+    model = CifarResNet(depth=8, num_classes=3).eval()
+    x = torch.randn(5, 3, 16, 16)
+    path = export_static_onnx(model, tmp_path / "static.onnx", x[:2])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"x": x.numpy()})  # batch 5: the batch dimension is dynamic
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(logits), model(x), rtol=0, atol=1e-4)
+    before = path.read_bytes()
+    with pytest.raises(DynconvertError, match="exists"):
+        export_static_onnx(model, path, x[:2])
+    assert path.read_bytes() == before
