@@ -81,6 +81,8 @@ class EarlyExitGraph(nn.Module):
         self.register_buffer("thresholds", torch.tensor([thresholds[k] for k in self.exit_index]))
         self.stage_shapes, self.num_classes = _stage_shapes(self.stages, example)
         self.register_buffer("temperatures", torch.tensor([temperatures[k] for k in self.exit_index]))
+        for head, temperature in zip(self.heads, self.temperatures.tolist()):
+            _divide_output(head, temperature)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.heads:
@@ -95,16 +97,17 @@ class EarlyExitGraph(nn.Module):
         h = self.stages[i](h)
         if i == len(self.heads):
             return h, torch.full((h.shape[0],), self.num_exits, dtype=torch.long, device=h.device)
-        logits = self.heads[i](h)
+        scaled = self.heads[i](h)
         exit_index = self.exit_index[i]
+        # a one-element predicate: onnxruntime's If takes it as it is, no Gather of element 0
         return torch.cond(
-            self._leaves(i, logits)[0],
-            lambda h, logits: (
-                logits.clone(),
+            self._leaves(i, scaled),
+            lambda h, scaled: (
+                self._logits(i, scaled),
                 torch.full((h.shape[0],), exit_index, dtype=torch.long, device=h.device),
             ),
-            lambda h, logits: self._from_stage(i + 1, h),
-            (h, logits),
+            lambda h, scaled: self._from_stage(i + 1, h),
+            (h, scaled),
         )
 
     def _batched(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,19 +141,37 @@ class EarlyExitGraph(nn.Module):
             (h, rows, out, exits),
         )
 
-    def _leaves(self, i: int, logits: torch.Tensor) -> torch.Tensor:
-        return confidence(logits / self.temperatures[i], self.criterion) >= self.thresholds[i]
+    def _leaves(self, i: int, scaled: torch.Tensor) -> torch.Tensor:
+        """Per sample, whether it leaves at exit ``i``, from the head's logits over its temperature."""
+        return confidence(scaled, self.criterion) >= self.thresholds[i]
+
+    def _logits(self, i: int, scaled: torch.Tensor) -> torch.Tensor:
+        """The logits themselves, from the scaled ones: computed for the leaving samples only."""
+        return scaled * self.temperatures[i]
 
     def _level(self, i: int, h, rows, out, exits):
         """Stage ``i`` and its exit: leaving samples write their logits and leave the batch."""
         h = self.stages[i](h)
-        logits = self.heads[i](h)
-        leave = self._leaves(i, logits)
+        scaled = self.heads[i](h)
+        leave = self._leaves(i, scaled)
         gone, stay = _rows(leave), _rows(~leave)
         left = rows.index_select(0, gone)
-        out = out.index_copy(0, left, logits.index_select(0, gone))
+        out = out.index_copy(0, left, self._logits(i, scaled.index_select(0, gone)))
         exits = exits.index_fill(0, left, self.exit_index[i])
         return h.index_select(0, stay), rows.index_select(0, stay), out, exits
+
+
+def _divide_output(head: nn.Module, temperature: float) -> None:
+    """Make ``head`` return its logits over ``temperature``, by scaling its last linear layer:
+    every exit reached then decides without a division, and only the samples that leave
+    multiply back."""
+    last = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+    # new tensors rather than in-place division: a model loaded under inference mode holds
+    # inference tensors, which cannot be written outside it
+    last.weight = nn.Parameter(last.weight.detach() / temperature, requires_grad=False)
+    if last.bias is not None:
+        last.bias = nn.Parameter(last.bias.detach() / temperature, requires_grad=False)
+    head.eval()  # a head that folds weights forgets what it folded before
 
 
 class BlockSkipGraph(nn.Module):
@@ -204,7 +225,7 @@ class BlockSkipGraph(nn.Module):
     def _one_sample_block(self, i: int, h: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         """Batch of one: a single ``If`` runs the block or its skipped form."""
         full, skipped = self.units[i], self.skipped_units[i]
-        return torch.cond(score[0] >= 0, lambda h: full(h), lambda h: skipped(h), (h,))
+        return torch.cond(score >= 0, lambda h: full(h), lambda h: skipped(h), (h,))
 
     def _block(self, i: int, h: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         full, skipped, shape = self.units[i], self.skipped_units[i], self.unit_shapes[i]
