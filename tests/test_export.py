@@ -30,17 +30,21 @@ def tiny(strategy: str, overrides=()):
 
 
 def make_decisive(dyn):
-    """Random inserted weights, then thresholds (exits) or biases (blocks) at the median of
-    what the samples score, so that decisions split the batch (an even number of samples: the
-    median falls between two scores, so no sample sits exactly on a threshold)."""
+    """Random inserted weights, then thresholds (exits, with temperatures other than 1) or
+    biases (blocks) at the median of what the samples score, so that decisions split the batch
+    (an even number of samples: the median falls between two scores, so no sample sits exactly
+    on a threshold)."""
     torch.manual_seed(1)
     for p in dyn.dyn.parameters():
         torch.nn.init.normal_(p, std=0.1)
     x = images()
     with torch.no_grad():
         if hasattr(dyn.dyn, "thresholds"):
+            # temperatures other than 1, as calibration leaves them: the export folds them into the heads
+            dyn.dyn.temperatures.copy_(torch.linspace(0.5, 2.0, dyn.num_exits))
             for k, logits in enumerate(dyn.forward_all(x)[1]):
-                dyn.dyn.thresholds[k] = confidence(logits, dyn.criterion).quantile(0.5)
+                scaled = logits / dyn.dyn.temperatures[k]
+                dyn.dyn.thresholds[k] = confidence(scaled, dyn.criterion).quantile(0.5)
             return dyn
         controller, decide = dyn.dyn.controller, dyn.dyn.controller.decide
         for block in range(dyn.num_blocks):  # earlier biases settle the inputs of later blocks

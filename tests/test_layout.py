@@ -94,6 +94,8 @@ def test_onnxruntime_fuses_the_prepared_sums(ort_ops):
     torch.manual_seed(0)
     model = Residuals().eval()
     plain = ort_ops(model, "plain")
+    if not plain["ReorderInput"]:
+        pytest.skip("onnxruntime uses no blocked layout on this CPU")
     prepared = ort_ops(keep_blocked_layout(fx.symbolic_trace(model)), "prepared")
     assert plain["Add"] == 2  # both sums unfused: the first reads the graph input
     assert prepared["Add"] == 0
