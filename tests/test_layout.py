@@ -23,13 +23,20 @@ def identities(gm: fx.GraphModule) -> list[fx.Node]:
 class Residuals(nn.Module):
     """Two residual blocks on the input itself, as a segment after an exit receives it."""
 
-    def __init__(self, channels: int = 16):  # a multiple of onnxruntime's channel block (8 or 16)
+    # 16 channels: a multiple of onnxruntime's channel block (8 or 16), so it uses the blocked layout
+    def __init__(self, channels: int = 16, in_place: bool = False):
         super().__init__()
         self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(4))
+        self.in_place = in_place
 
     def forward(self, x):
         for i in (0, 2):
-            x = F.relu(self.convs[i + 1](F.relu(self.convs[i](x))) + x)
+            out = self.convs[i + 1](F.relu(self.convs[i](x)))
+            if self.in_place:  # timm's blocks add the shortcut in place
+                out += x
+            else:
+                out = out + x
+            x = F.relu(out)
         return x
 
 
@@ -50,9 +57,15 @@ def test_cifar_resnet_wraps_only_the_padded_shortcuts():
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-def test_graph_input_feeding_a_sum_is_wrapped_once_for_all_its_uses():
-    gm = fx.symbolic_trace(Residuals())
-    keep_blocked_layout(gm)
+@pytest.mark.parametrize("in_place", [False, True])
+def test_graph_input_feeding_a_sum_is_wrapped_once_for_all_its_uses(in_place):
+    model = Residuals(in_place=in_place).eval()
+    gm = fx.symbolic_trace(model)
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+        keep_blocked_layout(gm)
+        torch.testing.assert_close(gm(x), expected, rtol=0, atol=0)
     (identity,) = identities(gm)
     assert identity.args[0].op == "placeholder"
     first_conv = next(n for n in gm.graph.nodes if n.op == "call_module")

@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from dynconvert.export.frozen import FrozenBatchNorm
 
-_SUMS = {operator.add, torch.add}
+_SUMS = {operator.add, operator.iadd, torch.add}
 _ACTIVATIONS = {F.relu, torch.relu}
 _POOLS = {F.max_pool2d, F.avg_pool2d, torch.max_pool2d}
 # modules whose output is in the blocked layout when their input is (or always, for convolutions)
