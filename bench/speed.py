@@ -147,12 +147,14 @@ def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: s
     for name, times in measured:
         s, d = statistics.median(times["static"]), statistics.median(times["dynamic"])
         ratio = d / s
+        per_round = [dynamic / static for static, dynamic in zip(times["static"], times["dynamic"])]
         result[name] = {
             "static_ms": s,
             "dynamic_ms": d,
             "static_ms_range": [min(times["static"]), max(times["static"])],
             "dynamic_ms_range": [min(times["dynamic"]), max(times["dynamic"])],
             "time_ratio": ratio,
+            "time_ratio_range": [min(per_round), max(per_round)],
             "time_ratio_over_flops_ratio": ratio / flops_ratio,
             "efficiency": flops_ratio / ratio,
         }

@@ -52,9 +52,18 @@ def block_skip(data: dict) -> str:
     return "\n".join(rows)
 
 
+def spread(ratio: dict, flops_ratio: float, digits: int = 3) -> str:
+    """`` (low to high)`` of a quotient measured over several rounds, or nothing for one round."""
+    if "time_ratio_range" not in ratio:
+        return ""
+    low, high = (r / flops_ratio for r in ratio["time_ratio_range"])
+    return f" ({low:.{digits}f} to {high:.{digits}f})"
+
+
 def speed(data: dict) -> str:
     rows = [
-        "| model folder | FLOPs ratio | time ratio, batch 1 | time/FLOPs, batch 1 | time/FLOPs, batch 1, "
+        "| model folder | FLOPs ratio | time ratio, batch 1 | time/FLOPs, batch 1 (range over rounds) | "
+        "time/FLOPs, batch 1, "
         "decisions free | time ratio, batch 64 | time/FLOPs, batch 64 | time ratio, stream of 64s | "
         "time/FLOPs, stream | static ms (batch 1 / 64) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -68,7 +77,8 @@ def speed(data: dict) -> str:
         free_quotient = f"{free['time_ratio_over_flops_ratio']:.2f}" if free else "n/a"
         rows.append(
             f"| {Path(r['model_dir']).name} | {r['flops_ratio']:.3f} | {b1['time_ratio']:.3f} | "
-            f"{b1['time_ratio_over_flops_ratio']:.2f} | {free_quotient} | {b64['time_ratio']:.3f} | "
+            f"{b1['time_ratio_over_flops_ratio']:.2f}{spread(b1, r['flops_ratio'], 2)} | {free_quotient} | "
+            f"{b64['time_ratio']:.3f} | "
             f"{b64['time_ratio_over_flops_ratio']:.2f} | {streamed} | {b1['static_ms']:.2f} / {b64['static_ms']:.1f} |"
         )
     return "\n".join(rows)
@@ -76,7 +86,8 @@ def speed(data: dict) -> str:
 
 def export(data: dict) -> str:
     rows = [
-        "| model folder | FLOPs ratio | form | time ratio, batch 1 | time/FLOPs, batch 1 | time ratio, batch 64 "
+        "| model folder | FLOPs ratio | form | time ratio, batch 1 | time/FLOPs, batch 1 (range over rounds) "
+        "| time ratio, batch 64 "
         "| check: max logit diff, decisions | static ms, batch 1: prepared / plain export |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -89,7 +100,7 @@ def export(data: dict) -> str:
             decisions = "identical" if check["decisions_identical"] else "DIFFER"
             rows.append(
                 f"| {Path(r['model_dir']).name} | {r['flops_ratio']:.3f} | {label} | {b1['time_ratio']:.3f} | "
-                f"{b1['time_ratio_over_flops_ratio']:.3f} | {b64['time_ratio']:.3f} | "
+                f"{b1['time_ratio_over_flops_ratio']:.3f}{spread(b1, r['flops_ratio'])} | {b64['time_ratio']:.3f} | "
                 f"{check['max_abs_logit_diff']:.1e}, {decisions} | {static_ms} |"
             )
     return "\n".join(rows)
