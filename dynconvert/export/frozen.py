@@ -7,6 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from dynconvert.runtime.folding import batchnorm_scale_shift
+
 
 class FrozenBatchNorm(nn.Module):
     """An evaluation-mode BatchNorm as a per-channel scale and shift.
@@ -17,12 +19,7 @@ class FrozenBatchNorm(nn.Module):
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
         super().__init__()
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = -bn.running_mean * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias
+        scale, shift = batchnorm_scale_shift(bn)
         self.register_buffer("scale", scale.detach().clone())
         self.register_buffer("shift", shift.detach().clone())
 

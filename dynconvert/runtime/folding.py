@@ -14,9 +14,11 @@ from dynconvert.runtime.modules import DynModule
 
 
 def batchnorm_scale_shift(bn: torch.nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """An affine BatchNorm in eval mode as ``x * scale + shift``, per channel."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return scale, bn.bias - bn.running_mean * scale
+    """A BatchNorm in eval mode as ``x * scale + shift``, per channel (affine or not)."""
+    std = torch.sqrt(bn.running_var + bn.eps)
+    scale = 1 / std if bn.weight is None else bn.weight / std
+    shift = -bn.running_mean * scale
+    return scale, shift if bn.bias is None else bn.bias + shift
 
 
 class FoldsForInference(DynModule):
