@@ -46,15 +46,6 @@ DEFAULT_DIRS = [
 TARGET = 1.2  # time ratio at batch 1 at most this times the FLOPs ratio
 
 
-def export_static_plain(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    """The static network through torch.onnx.export alone, for comparison with the prepared one."""
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.onnx.export(
-        model.eval(), (example,), input_names=["x"], dynamic_shapes={"x": {0: batch}}, dynamo=True, verbose=False
-    )
-    program.save(str(path))
-
-
 def fastest_total(sessions: dict, batches: list[np.ndarray], repeats: int) -> dict[str, float]:
     """Sum over ``batches`` of each session's fastest of ``repeats`` runs, in ms per batch."""
     totals = dict.fromkeys(sessions, 0.0)
@@ -80,7 +71,7 @@ def measure(folder: Path, images: int, repeats: int, threads: int, rounds: int) 
     paths = {"static": target / "static.onnx", "static_plain": target / "static-plain.onnx"}
     static = build_model(dyn.recipe.model)
     export_static_onnx(static, paths["static"], x[:2], overwrite=True)
-    export_static_plain(static, x[:2], paths["static_plain"])
+    export_static_onnx(static, paths["static_plain"], x[:2], overwrite=True, prepare=False)
     checks = {}
     with torch.inference_mode(False):
         for form in FORMS:

@@ -125,11 +125,12 @@ def test_export_static_onnx_matches_torch_and_keeps_existing_files(tmp_path):
     torch.manual_seed(0)
     model = CifarResNet(depth=8, num_classes=3).eval()
     x = torch.randn(5, 3, 16, 16)
-    path = export_static_onnx(model, tmp_path / "static.onnx", x[:2])
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (logits,) = session.run(None, {"x": x.numpy()})  # batch 5: the batch dimension is dynamic
-    with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(logits), model(x), rtol=0, atol=1e-4)
+    for prepare in (True, False):
+        path = export_static_onnx(model, tmp_path / f"static-{prepare}.onnx", x[:2], prepare=prepare)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (logits,) = session.run(None, {"x": x.numpy()})  # batch 5: the batch dimension is dynamic
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(logits), model(x), rtol=0, atol=1e-4)
     before = path.read_bytes()
     with pytest.raises(DynconvertError, match="exists"):
         export_static_onnx(model, path, x[:2])

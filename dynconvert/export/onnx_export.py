@@ -85,11 +85,14 @@ def export_onnx(
     return report
 
 
-def export_static_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *, overwrite: bool = False) -> Path:
+def export_static_onnx(
+    model: nn.Module, path: str | Path, example: torch.Tensor, *, overwrite: bool = False, prepare: bool = True
+) -> Path:
     """Export a static network to ONNX (batch dimension dynamic, output ``logits``) the way
     :func:`export_onnx` exports the dynamic ones: traced with torch.fx and prepared for
     onnxruntime's blocked convolution layout (see ``dynconvert.export.layout``), so the two
-    are compared like for like. A network torch.fx cannot trace is exported as it is.
+    are compared like for like. A network torch.fx cannot trace is exported as it is, and so
+    is every network with ``prepare=False`` (torch.onnx.export alone, for comparison).
 
     Raises DynconvertError when ``path`` exists and ``overwrite`` is false, or when export fails.
     """
@@ -98,12 +101,12 @@ def export_static_onnx(model: nn.Module, path: str | Path, example: torch.Tensor
     path = Path(path)
     if path.exists() and not overwrite:
         raise DynconvertError(f"'{path}' exists; pass overwrite=True to replace it")
-    model = model.eval()
-    try:
-        graph = prepare_layout(trace(model))
-    except DynconvertError as exc:
-        log.warning("exporting %s without layout preparation: %s", type(model).__name__, exc)
-        graph = model
+    graph = model.eval()
+    if prepare:
+        try:
+            graph = prepare_layout(trace(model))
+        except DynconvertError as exc:
+            log.warning("exporting %s without layout preparation: %s", type(model).__name__, exc)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     try:
