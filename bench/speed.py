@@ -59,6 +59,16 @@ def timed(fn, x) -> float:
     return time.perf_counter() - start
 
 
+def batch1_ms(static, dynamic_for, x: torch.Tensor) -> dict[str, float]:
+    """Mean ms per image, one image at a time, of ``static`` and of ``dynamic_for(i)`` on image
+    ``i``, interleaved image by image (the static model first)."""
+    totals = {"static": 0.0, "dynamic": 0.0}
+    for i in range(len(x)):
+        totals["static"] += timed(static, x[i : i + 1])
+        totals["dynamic"] += timed(dynamic_for(i), x[i : i + 1])
+    return {key: total / len(x) * 1e3 for key, total in totals.items()}
+
+
 def decision_free(dyn, record: torch.Tensor):
     """For one image's decisions (its row of ``decision_record``), a call that runs only the
     backbone parts they select, with no exit head, gate or policy network; None for runtime
@@ -102,19 +112,11 @@ def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: s
     batched = {"static": [], "dynamic": []}
     stream = {"static": [], "dynamic": []}
     for _ in range(rounds):
-        totals = {"static": 0.0, "dynamic": 0.0}
-        for i in range(len(x)):
-            for key, model in (("static", static), ("dynamic", dyn)):
-                totals[key] += timed(model, x[i : i + 1])
-        for key in totals:
-            single[key].append(totals[key] / len(x) * 1e3)
+        for key, ms in batch1_ms(static, lambda i: dyn, x).items():
+            single[key].append(ms)
         if bound is not None:
-            totals = {"static": 0.0, "dynamic": 0.0}
-            for i in range(len(x)):
-                totals["static"] += timed(static, x[i : i + 1])
-                totals["dynamic"] += timed(free[i], x[i : i + 1])
-            for key in totals:
-                bound[key].append(totals[key] / len(x) * 1e3)
+            for key, ms in batch1_ms(static, free.__getitem__, x).items():
+                bound[key].append(ms)
         totals = {"static": 0.0, "dynamic": 0.0}
         n_batches = 0
         for i in range(0, len(x) - batch + 1, batch):
