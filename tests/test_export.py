@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 
 import pytest
@@ -118,6 +119,37 @@ def test_export_keeps_decisions_and_passes_the_check(case, tmp_path):
     logits, decisions = session.run(None, {"x": x[:5].numpy()})
     assert logits.shape == (5, 3)
     assert (torch.from_numpy(decisions) == record[:5]).all()
+
+
+def test_block_skip_export_runs_every_convolution_in_the_blocked_layout(tmp_path):
+    """Skip corrections included: inside an ``If`` branch onnxruntime reorders only weights of
+    the branch's own, which the export gives them by writing each as a convolution with a scale
+    and shift (as the backbone's frozen BatchNorms are)."""
+    import onnx
+    import onnxruntime as ort
+
+    dyn = make_decisive(tiny("skipnet", ["options.gate=feedforward"]))
+    dyn.settled[0], dyn.settled[-1] = -1, 1  # a block skipped for every sample: its correction runs
+    dynconvert.export_onnx(dyn, tmp_path / "m.onnx", form="cond", images=images(), random_inputs=4)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(tmp_path / "m.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = collections.Counter()
+
+    def count(graph):
+        for node in graph.node:
+            ops[node.op_type, node.domain] += 1
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    count(attribute.g)
+
+    count(onnx.load(str(tmp_path / "optimized.onnx")).graph)
+    blocked = ops["Conv", "com.microsoft.nchwc"]
+    if not blocked:
+        pytest.skip("onnxruntime uses no blocked layout on this CPU")
+    plain = sum(n for (op, domain), n in ops.items() if op in ("Conv", "FusedConv") and domain != "com.microsoft.nchwc")
+    assert plain == 0, f"{plain} convolutions left in plain layout ({blocked} blocked)"
 
 
 def _live_decisions(dyn) -> int:

@@ -135,3 +135,34 @@ def test_export_static_onnx_matches_torch_and_keeps_existing_files(tmp_path):
     with pytest.raises(DynconvertError, match="exists"):
         export_static_onnx(model, path, x[:2])
     assert path.read_bytes() == before
+
+
+def test_inputs_known_to_be_blocked_get_no_identity():
+    model = Residuals().eval()
+    gm = fx.symbolic_trace(model)
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+        keep_blocked_layout(gm, input_blocked=True)
+        torch.testing.assert_close(gm(x), expected, rtol=0, atol=0)
+    assert identities(gm) == []
+
+
+def test_frozen_copy_folds_full_rank_skip_corrections_only():
+    from dynconvert.export.frozen import FoldedCorrection, frozen_copy
+    from dynconvert.runtime.corrections import SkipCorrection
+
+    torch.manual_seed(0)
+    corrections = nn.ModuleList(
+        [SkipCorrection((16, 8, 8)), SkipCorrection((16, 8, 8), rank=4), SkipCorrection((5, 16))]
+    )
+    for p in corrections.parameters():
+        nn.init.normal_(p, std=0.2)
+    frozen = frozen_copy(corrections)
+    assert isinstance(frozen[0], FoldedCorrection)  # one product, no addition
+    assert isinstance(frozen[1], SkipCorrection)  # the factored product stays
+    assert isinstance(frozen[2], nn.Linear)
+    maps, tokens = torch.randn(3, 16, 8, 8), torch.randn(3, 5, 16)
+    with torch.no_grad():
+        for original, folded, x in zip(corrections.eval(), frozen, (maps, maps, tokens)):
+            torch.testing.assert_close(folded(x), original(x), rtol=0, atol=1e-5)

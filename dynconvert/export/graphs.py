@@ -189,13 +189,28 @@ class BlockSkipGraph(nn.Module):
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got '{form}'")
         self.form = form
-        self.units = prepare_layout(frozen_copy(dyn.units))
-        self.skipped_units = prepare_layout(frozen_copy(dyn.skipped_units))
-        self.controller = frozen_copy(dyn.dyn.controller)
         self.droppable = list(dyn.droppable)
         self.settled = list(dyn.settled)
+        self.units = frozen_copy(dyn.units)
+        self.skipped_units = frozen_copy(dyn.skipped_units)
+        plain = self._plain_inputs()
+        for unit, skipped, plain_input in zip(self.units, self.skipped_units, plain):
+            prepare_layout(unit, input_blocked=not plain_input)
+            prepare_layout(skipped, input_blocked=not plain_input)
+        self.controller = frozen_copy(dyn.dyn.controller)
         self.register_buffer("bias", dyn.dyn.bias.detach().clone())
         self.unit_shapes, _ = _stage_shapes(self.units, example)
+
+    def _plain_inputs(self) -> list[bool]:
+        """Per unit, whether its input reaches it in plain layout in the exported graph: the
+        graph's input, and every input in or just after a block decided per sample (an ``If``
+        branch's input and output, or a gathered sub-batch). Elsewhere a unit reads the blocked
+        output of the unit before it, and preparing its input again would cost a copy per block."""
+        decided, index = [], 0
+        for droppable in self.droppable:
+            decided.append(droppable and self.settled[index] == 0)
+            index += droppable
+        return [i == 0 or decided[i] or decided[i - 1] for i in range(len(decided))]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not any(s == 0 for s in self.settled):

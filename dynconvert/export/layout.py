@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from dynconvert.export.frozen import FrozenBatchNorm
+from dynconvert.export.frozen import FoldedCorrection, FrozenBatchNorm
 
 _SUMS = {operator.add, operator.iadd, torch.add}
 _ACTIVATIONS = {F.relu, torch.relu}
 _POOLS = {F.max_pool2d, F.avg_pool2d, torch.max_pool2d}
 # modules whose output is in the blocked layout when their input is (or always, for convolutions)
-_BLOCKED_MODULES = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+_BLOCKED_MODULES = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, FoldedCorrection)
 _PASS_THROUGH_MODULES = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm, nn.ReLU, nn.Identity)
 
 
@@ -32,12 +32,16 @@ def blocked_identity(x: torch.Tensor) -> torch.Tensor:
     return F.max_pool2d(x, 1) if x.dim() == 4 else x
 
 
-def keep_blocked_layout(gm: fx.GraphModule) -> fx.GraphModule:
+def keep_blocked_layout(gm: fx.GraphModule, input_blocked: bool = False) -> fx.GraphModule:
     """Route every residual-sum operand that onnxruntime would hold in plain layout through
-    :func:`blocked_identity`, in place; returns ``gm``. The computed values do not change."""
+    :func:`blocked_identity`, in place; returns ``gm``. The computed values do not change.
+
+    ``input_blocked``: the graph's inputs arrive in the blocked layout (the output of a block
+    run just before, in the same graph level), so they need no identity of their own.
+    """
     blocked: set[fx.Node] = set()
     for node in list(gm.graph.nodes):
-        if _is_blocked(gm, node, blocked):
+        if _is_blocked(gm, node, blocked) or (input_blocked and node.op == "placeholder"):
             blocked.add(node)
         if not _is_sum(node):
             continue
@@ -59,11 +63,11 @@ def keep_blocked_layout(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def prepare_layout(module: nn.Module) -> nn.Module:
+def prepare_layout(module: nn.Module, input_blocked: bool = False) -> nn.Module:
     """:func:`keep_blocked_layout` on every graph module within ``module`` (itself included), in place."""
     for child in module.modules():
         if isinstance(child, fx.GraphModule):
-            keep_blocked_layout(child)
+            keep_blocked_layout(child, input_blocked)
     return module
 
 
