@@ -85,10 +85,13 @@ def test_skipped_blocks_really_do_not_run():
     assert float(dyn.sample_flops(dyn.last_kept)[0]) < 0.2 * dyn.static_flops()
 
 
+@pytest.mark.parametrize("settled", [False, True], ids=["decided", "settled"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("gate", ["feedforward", "recurrent"])
-def test_sub_batches_equal_running_each_sample_alone(gate, channels_last):
+def test_sub_batches_equal_running_each_sample_alone(gate, channels_last, settled):
     _, dyn, size = prepared(gate=gate)
+    if settled:  # the first block never runs, the last always: a recurrent gate still steps through them
+        dyn.settled[0], dyn.settled[-1] = -1, 1
     torch.manual_seed(3)
     for p in dyn.dyn.controller.parameters():
         torch.nn.init.normal_(p, std=0.5)
@@ -228,8 +231,13 @@ def test_settled_blocks_follow_their_fixed_decision_without_computing_their_gate
     dyn.settle(kept)
     assert dyn.settled == [-1, 0] + [1] * (n - 2)
     gate_calls, unit_calls = [], []
-    for i, gate in enumerate(dyn.dyn.controller.gates):
-        gate.register_forward_hook(lambda *_, i=i: gate_calls.append(i))
+    decide = dyn.dyn.controller.decide
+
+    def recording(index, h, state):
+        gate_calls.append(index)
+        return decide(index, h, state)
+
+    dyn.dyn.controller.decide = recording
     first_block = dyn.droppable.index(True)
     dyn.units[first_block].register_forward_hook(lambda *_: unit_calls.append(1))
     dyn.dyn.bias.fill_(1e4)  # the gates would keep everything

@@ -174,8 +174,10 @@ class BlockSkipModel(nn.Module):
 
     def route(self, x: torch.Tensor) -> Decisions:
         """Run with hard decisions; a skipped block does not run for that sample."""
-        if x.shape[0] == 1 and getattr(self.dyn.controller, "decides_at_start", False):
-            return self._route_one(x)
+        if x.shape[0] == 1:
+            if getattr(self.dyn.controller, "decides_at_start", False):
+                return self._route_one(x)
+            return self._route_one_stepwise(x)
 
         def hard(logit, unit, skipped, h):
             keep = logit >= 0
@@ -195,17 +197,47 @@ class BlockSkipModel(nn.Module):
             keeps = [k if fixed else bool(v >= 0) for k, fixed, v in zip(keeps, self.settled, logits[0].tolist())]
         return Decisions(self.run_fixed(x, keeps), torch.tensor([keeps], dtype=torch.bool, device=x.device))
 
+    def _route_one_stepwise(self, x: torch.Tensor) -> Decisions:
+        """:meth:`route` for one sample when the controller decides block by block (gates): each
+        decision is read as a Python number as the walk reaches its block, and the record is made
+        once at the end, not as a tensor per block. Settled blocks ask no gate (a recurrent gate
+        still steps through them, as in :func:`walk_units`)."""
+        controller = self.dyn.controller
+        steps_through = not getattr(controller, "independent_decisions", False)
+        bias = self.dyn.bias.tolist()
+        state = controller.start(x)
+
+        def decide(index: int, h: torch.Tensor) -> bool:
+            nonlocal state
+            fixed = self.settled[index]
+            if fixed and not steps_through:
+                return fixed > 0
+            logit, state = controller.decide(index, h, state)
+            # the sign of a float32 sum survives its exact sum in Python: the batched
+            # comparison's decision
+            return fixed > 0 if fixed else logit.item() + bias[index] >= 0
+
+        h, keeps = self._run_deciding(x, decide)
+        return Decisions(h, torch.tensor([keeps], dtype=torch.bool, device=x.device))
+
     def run_fixed(self, x: torch.Tensor, keeps: list[bool]) -> torch.Tensor:
         """The network with the same decisions for every sample, one Python bool per droppable
         block: kept blocks run in full, the others in their skipped form; no controller runs."""
-        h, index = x, 0
+        return self._run_deciding(x, lambda index, h: keeps[index])[0]
+
+    def _run_deciding(self, x: torch.Tensor, decide) -> tuple[torch.Tensor, list[bool]]:
+        """The units in turn; at droppable block ``index`` (input ``h``), ``decide(index, h)``
+        says whether it runs in full or in its skipped form. Returns the output and the decisions."""
+        h, index, keeps = x, 0, []
         for unit, skipped, droppable in zip(self.units, self.skipped_units, self.droppable):
             if droppable:
-                h = unit(h) if keeps[index] else skipped(h)
+                keep = decide(index, h)
+                keeps.append(keep)
+                h = unit(h) if keep else skipped(h)
                 index += 1
             else:
                 h = unit(h)
-        return h
+        return h, keeps
 
     def _walk(self, x: torch.Tensor, run_block, honour_settled: bool = False) -> tuple[torch.Tensor, list]:
         """:func:`walk_units` over this model's units; ``run_block(score, unit, skipped, h) ->

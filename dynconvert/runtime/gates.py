@@ -45,7 +45,11 @@ class FeedForwardGates(DynModule):
 
     def decide(self, index: int, h: torch.Tensor, state):
         """Keep-logit of block ``index`` for each sample of ``h``; state is unused."""
-        return self.gates[index](_pool(h, self.pool)).squeeze(1), state
+        first, _, last = self.gates[index]
+        # the gate's layers called as functions: at batch 1 the module calls around its few
+        # small products cost more than the products
+        hidden = F.relu(F.linear(_pool(h, self.pool), first.weight, first.bias))
+        return F.linear(hidden, last.weight, last.bias).squeeze(1), state
 
 
 class RecurrentGates(DynModule):
