@@ -220,6 +220,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU visible to PyTorch on this machine")
+    if args.images < args.batch:
+        parser.error(f"--images {args.images} is fewer than one batch (--batch {args.batch}): give at least that many")
     folders = args.folders or sorted(p for p in OUT.iterdir() if (p / "model" / "meta.json").is_file())
     results = []
     for folder in folders:

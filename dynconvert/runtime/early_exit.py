@@ -190,7 +190,7 @@ class EarlyExitModel(nn.Module):
 
     def flops_of(self, exits: torch.Tensor) -> torch.Tensor:
         """FLOPs per sample for the exits taken."""
-        return self.exit_costs()[exits]
+        return self.exit_costs().to(exits.device)[exits]
 
     def summarize(self, exits: torch.Tensor) -> dict:
         """Report figures: how many samples left at each exit (the last: the full network)."""
