@@ -112,6 +112,7 @@ RENDER = {
     "blockdrop": block_skip,
     "speed": speed,
     "speed-channels_last": speed,
+    "speed-cuda": speed,
     "export": export,
 }
 
