@@ -93,7 +93,7 @@ class ExitHead(FoldsForInference):
             if self.training:
                 h = F.linear(norm(features), first.weight, first.bias)
             else:
-                h = F.linear(features, *self.folded())  # the BatchNorm folded into the first layer
+                h = F.linear(features, *self.folded()[0])  # the BatchNorm folded into the first layer
         else:
             h = F.layer_norm(features, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
             h = F.linear(h, first.weight, first.bias)
@@ -107,14 +107,28 @@ class ExitHead(FoldsForInference):
         return h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.features(x))
+        layers = None if self.training or self.norm != "batch" else self.cached_folding()
+        if layers is None:
+            return self.classify(self.features(x))
+        # inference: the cached layers as plain functions, no module walked; every exit reached
+        # at batch 1 pays for this path, and its module bookkeeping cost as much as its products
+        h = self.features(x)
+        for weight, bias in layers[:-1]:
+            h = F.linear(h, weight, bias)
+            h = F.gelu(h) if self.activation == "gelu" else F.relu(h)
+        return F.linear(h, *layers[-1])
+
+    def _linear_layers(self) -> list[nn.Linear]:
+        return [layer for layer in self.classifier if isinstance(layer, nn.Linear)]
 
     def _fold_sources(self) -> list[torch.Tensor]:
-        norm, first = self.classifier[0], self.classifier[1]
-        return [norm.weight, norm.bias, norm.running_mean, norm.running_var, first.weight, first.bias]
+        norm = self.classifier[0]
+        linear = [t for layer in self._linear_layers() for t in (layer.weight, layer.bias)]
+        return [norm.weight, norm.bias, norm.running_mean, norm.running_var, *linear]
 
-    def _fold(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight, bias) of the first linear layer with the evaluation-mode BatchNorm folded in."""
-        norm, first = self.classifier[0], self.classifier[1]
+    def _fold(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(weight, bias) of every linear layer, the evaluation-mode BatchNorm folded into the first."""
+        norm, (first, *rest) = self.classifier[0], self._linear_layers()
         scale, shift = batchnorm_scale_shift(norm)
-        return first.weight * scale, first.bias + first.weight @ shift
+        folded = (first.weight * scale, first.bias + first.weight @ shift)
+        return [folded, *((layer.weight, layer.bias) for layer in rest)]
