@@ -213,8 +213,8 @@ class BlockSkipModel(nn.Module):
             if fixed and not steps_through:
                 return fixed > 0
             logit, state = controller.decide(index, h, state)
-            # the sign of a float32 sum survives its exact sum in Python: the batched
-            # comparison's decision
+            # added in Python (float64), the sum has the sign the float32 sum has: the decision
+            # is the one the tensor comparison of the batched path makes
             return fixed > 0 if fixed else logit.item() + bias[index] >= 0
 
         h, keeps = self._run_deciding(x, decide)

@@ -46,8 +46,8 @@ class FeedForwardGates(DynModule):
     def decide(self, index: int, h: torch.Tensor, state):
         """Keep-logit of block ``index`` for each sample of ``h``; state is unused."""
         first, _, last = self.gates[index]
-        # the gate's layers called as functions: at batch 1 the module calls around its few
-        # small products cost more than the products
+        # the gate's layers called as functions: at batch 1 every gate decided per image would
+        # otherwise pay for three module calls around its two small products
         hidden = F.relu(F.linear(_pool(h, self.pool), first.weight, first.bias))
         return F.linear(hidden, last.weight, last.bias).squeeze(1), state
 

@@ -111,7 +111,7 @@ class ExitHead(FoldsForInference):
         if layers is None:
             return self.classify(self.features(x))
         # inference: the cached layers as plain functions, no module walked; every exit reached
-        # at batch 1 pays for this path, and its module bookkeeping cost as much as its products
+        # at batch 1 pays for this path, and walking the modules cost a few microseconds a head
         h = self.features(x)
         for weight, bias in layers[:-1]:
             h = F.linear(h, weight, bias)
