@@ -152,6 +152,25 @@ def test_block_skip_export_runs_every_convolution_in_the_blocked_layout(tmp_path
     assert plain == 0, f"{plain} convolutions left in plain layout ({blocked} blocked)"
 
 
+def test_block_skip_export_prepares_only_the_unit_inputs_that_arrive_in_plain_layout():
+    from dynconvert.export.graphs import BlockSkipGraph
+    from dynconvert.export.layout import blocked_identity
+
+    dyn = make_decisive(tiny("skipnet", ["options.gate=feedforward"]))
+    assert dyn.droppable == [False, True, True, True]  # the stem, then one block per stage
+
+    def first_block_wrapped(settled) -> bool:
+        """Whether the first block (identity shortcut: no padded one to prepare) has an identity."""
+        dyn.settled = list(settled)
+        graph = BlockSkipGraph(dyn, images()[:2], "cond")
+        return any(n.target is blocked_identity for n in graph.units[1].graph.nodes)
+
+    # decided per image: its input crosses an If, in plain layout
+    assert first_block_wrapped([0, 1, 1])
+    # always run: it reads the stem's output, already blocked
+    assert not first_block_wrapped([1, 1, 1])
+
+
 def _live_decisions(dyn) -> int:
     if hasattr(dyn.dyn, "thresholds"):
         return int((dyn.dyn.thresholds <= 1.0).sum())
