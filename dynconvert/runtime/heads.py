@@ -88,35 +88,30 @@ class ExitHead(FoldsForInference):
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         """The trained part: logits from pooled features."""
+        # every layer called as a function: at batch 1 a head's few small products cost less
+        # than the module calls around them, and every exit reached pays for a head
+        if self.norm == "batch" and not self.training:
+            # the BatchNorm folded into the first layer (cached under inference mode)
+            layers = self.folded()
+            h = features
+            for weight, bias in layers[:-1]:
+                h = self._activate(F.linear(h, weight, bias))
+            return F.linear(h, *layers[-1])
         norm, first, *rest = self.classifier
         if self.norm == "batch":
-            if self.training:
-                h = F.linear(norm(features), first.weight, first.bias)
-            else:
-                h = F.linear(features, *self.folded()[0])  # the BatchNorm folded into the first layer
+            h = F.linear(norm(features), first.weight, first.bias)
         else:
             h = F.layer_norm(features, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
             h = F.linear(h, first.weight, first.bias)
-        # the remaining layers called as functions: at batch 1 a head's few small products
-        # cost less than the module calls around them, and every exit reached pays for a head
         for layer in rest:
-            if isinstance(layer, nn.Linear):
-                h = F.linear(h, layer.weight, layer.bias)
-            else:
-                h = F.gelu(h) if self.activation == "gelu" else F.relu(h)
+            h = F.linear(h, layer.weight, layer.bias) if isinstance(layer, nn.Linear) else self._activate(h)
         return h
 
+    def _activate(self, h: torch.Tensor) -> torch.Tensor:
+        return F.gelu(h) if self.activation == "gelu" else F.relu(h)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layers = None if self.training or self.norm != "batch" else self.cached_folding()
-        if layers is None:
-            return self.classify(self.features(x))
-        # inference: the cached layers as plain functions, no module walked; every exit reached
-        # at batch 1 pays for this path, and walking the modules cost a few microseconds a head
-        h = self.features(x)
-        for weight, bias in layers[:-1]:
-            h = F.linear(h, weight, bias)
-            h = F.gelu(h) if self.activation == "gelu" else F.relu(h)
-        return F.linear(h, *layers[-1])
+        return self.classify(self.features(x))
 
     def _linear_layers(self) -> list[nn.Linear]:
         return [layer for layer in self.classifier if isinstance(layer, nn.Linear)]
