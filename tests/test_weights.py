@@ -110,7 +110,7 @@ def test_wrong_shapes_are_named(source, tmp_path):
 @pytest.mark.parametrize(
     "content,expected",
     [
-        (b"not a checkpoint", "could not be read"),
+        (b"not a checkpoint", "neither a PyTorch checkpoint"),
         ([torch.zeros(2)], "no state dict of tensors"),
         ({"conv1.weight": torch.zeros(2), "note": "text"}, "no state dict of tensors"),
     ],
@@ -123,6 +123,23 @@ def test_unreadable_weights(content, expected, tmp_path):
     else:
         torch.save(content, path)
     with pytest.raises(DynconvertError, match=expected):
+        load_weights(fresh(), path)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
+def test_pickled_objects_are_refused_with_a_way_out(tmp_path, legacy):
+    """A checkpoint holding more than tensors (here a whole pickled model), in either of
+    torch.save's formats, is not unpickled; the error says why and how to extract the state dict."""
+    path = tmp_path / "whole-model.pt"
+    torch.save(fresh(), path, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(DynconvertError, match=r"holds Python objects besides tensors.*state dict alone"):
+        load_weights(fresh(), path)
+
+
+def test_broken_safetensors_file_is_named(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(b"\x00" * 16)
+    with pytest.raises(DynconvertError, match="not a readable safetensors file"):
         load_weights(fresh(), path)
 
 

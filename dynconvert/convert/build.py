@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
+import pickle
+import zipfile
 from pathlib import Path
 
 import timm
@@ -61,7 +63,8 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         raise DynconvertError(
-            f"weights '{path}' do not fit model: missing keys {_few(missing)}; unexpected keys {_few(unexpected)}"
+            f"weights '{path}' do not fit model: missing keys {_few(missing)}; unexpected keys {_few(unexpected)}. "
+            "Is the checkpoint that of another architecture than the model named?"
         )
     wrong = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
     if wrong:
@@ -83,7 +86,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
-        raise DynconvertError(f"weights file '{path}' could not be read ({type(exc).__name__}: {exc})") from None
+        raise _unreadable(path, exc) from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -93,6 +96,40 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     return state
+
+
+# what torch.save's legacy (pre-zip) format starts with: pickle protocol 2 and torch's magic number
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def _unreadable(path: Path, exc: Exception) -> DynconvertError:
+    """The error for a weights file that could not be read, saying what kind of file it is."""
+    if path.suffix == ".safetensors":
+        return DynconvertError(
+            f"weights file '{path}' is not a readable safetensors file ({type(exc).__name__}: {exc})"
+        )
+    if not _saved_by_torch(path):
+        return DynconvertError(
+            f"weights file '{path}' is neither a PyTorch checkpoint (torch.save) nor a .safetensors file: "
+            "pass the model's state dict saved with torch.save, or a safetensors file with the .safetensors suffix"
+        )
+    if isinstance(exc, pickle.UnpicklingError):  # torch.load with weights_only refuses anything but tensors
+        return DynconvertError(
+            f"weights file '{path}' holds Python objects besides tensors (a pickled model, training arguments, "
+            "...), and unpickling them could run arbitrary code, so dynconvert does not. If you trust the file, "
+            "save its state dict alone and pass that file: torch.save(torch.load(FILE, weights_only=False)"
+            "['state_dict'], 'weights.pt') (or .state_dict() of a pickled model)"
+        )
+    return DynconvertError(f"weights file '{path}' could not be read ({type(exc).__name__}: {exc})")
+
+
+def _saved_by_torch(path: Path) -> bool:
+    """Whether the file is in one of torch.save's formats (a zip archive, or the legacy pickle stream)."""
+    with open(path, "rb") as fh:
+        if zipfile.is_zipfile(fh):
+            return True
+        fh.seek(0)
+        return fh.read(len(_LEGACY_TORCH_MAGIC)) == _LEGACY_TORCH_MAGIC
 
 
 def file_sha256(path: str | Path) -> str:
