@@ -27,6 +27,7 @@ from torch import nn
 
 from dynconvert.convert import distributed
 from dynconvert.errors import DynconvertError
+from dynconvert.files import replaced_on_success
 
 log = logging.getLogger(__name__)
 
@@ -310,12 +311,10 @@ class Checkpointer:
 
 def _save_atomic(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with replaced_on_success(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        os.fsync(f.fileno())  # a checkpoint must survive the machine going down, not only the process
 
 
 def _rng_state() -> dict:

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from dynconvert.errors import DynconvertError
+from dynconvert.files import replaced_on_success
 from dynconvert.progress import progress_bar
 from dynconvert.recipe import DataConfig
 
@@ -147,9 +148,8 @@ def decode_split(dataset, image_column: str, label_column: str, prep: Preprocess
         images[i] = torch.from_numpy(_decode(item, prep)).permute(2, 0, 1)
     if cache_file:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache_file.with_suffix(".tmp")
-        torch.save({"images": images, "labels": labels}, partial)
-        os.replace(partial, cache_file)
+        with replaced_on_success(cache_file) as partial:
+            torch.save({"images": images, "labels": labels}, partial)
     return ImageSplit(images, labels, name)
 
 

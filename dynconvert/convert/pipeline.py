@@ -20,10 +20,11 @@ from dynconvert.convert.build import build_model, file_sha256
 from dynconvert.convert.checkpoint import CHECKPOINT, Checkpointer, work_folder
 from dynconvert.convert.data import Preprocess, load_conversion_data
 from dynconvert.convert.evaluate import evaluate_dynamic, evaluate_static, measure_latency
-from dynconvert.convert.report import build_report, plot_report, write_json_atomic
+from dynconvert.convert.report import build_report, plot_report
 from dynconvert.convert.save import save_dynamic, versions
 from dynconvert.convert.train import NonFiniteLoss
 from dynconvert.errors import DynconvertError
+from dynconvert.files import write_json
 from dynconvert.recipe import Recipe, build_recipe, strategy_config
 from dynconvert.strategies import get_strategy
 
@@ -179,7 +180,7 @@ def write_outputs(dyn, report: dict, out_dir: Path) -> None:
     staging.mkdir(parents=True)
     (staging / "recipe.yaml").write_text(dyn.recipe.to_yaml())
     save_dynamic(dyn, staging / "model")
-    write_json_atomic(staging / "report.json", report)
+    write_json(staging / "report.json", report)
     title = f"{report['model']} {report['strategy']}: {report['splits']['evaluation']} split"
     plot_report(staging / "report.png", report, title)
     if out_dir.is_dir():

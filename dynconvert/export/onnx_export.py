@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from dynconvert.errors import DynconvertError
 from dynconvert.export.check import check_batches, check_onnx
 from dynconvert.export.graphs import check_exportable, export_graph
 from dynconvert.export.layout import prepare_layout
+from dynconvert.files import replaced_on_success, write_json
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 4096
@@ -67,20 +66,16 @@ def export_onnx(
     except (TypeError, ValueError) as exc:
         raise DynconvertError(str(exc)) from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    try:
+    with replaced_on_success(path) as tmp:  # a model that fails its check is not written
         _export(graph, example, tmp, OUTPUT_NAMES[type(graph).__name__])
         batches = check_batches(images, random_inputs, input_size)
         try:
             report = check_onnx(tmp, dyn, batches)
         except DynconvertError as exc:
-            _write_json(report_path, {**_describe(dyn, graph), **exc.report})
+            write_json(report_path, {**_describe(dyn, graph), **exc.report})
             raise
         report = {**_describe(dyn, graph), **report}
-        _write_json(report_path, report)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        write_json(report_path, report)
     log.info("exported %s; check passed (max logit difference %.2g)", path, report["max_abs_logit_diff"])
     return report
 
@@ -108,12 +103,8 @@ def export_static_onnx(
         except DynconvertError as exc:
             log.warning("exporting %s without layout preparation: %s", type(model).__name__, exc)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    try:
+    with replaced_on_success(path) as tmp:
         _export(graph, example, tmp, ["logits"])
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -204,9 +195,3 @@ def _describe(dyn: nn.Module, graph: nn.Module) -> dict:
         "outputs": OUTPUT_NAMES[type(graph).__name__],
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
     }
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
