@@ -13,9 +13,9 @@ from pathlib import Path
 def replaced_on_success(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; it replaces ``path`` when the block completes.
 
-    If the block raises, ``path`` keeps what it held and the temporary file is removed. The
-    temporary name keeps ``path``'s suffix, so writers that infer the format from it (plots)
-    still do.
+    ``path``'s folder is created if needed. If the block raises, ``path`` keeps what it held and
+    the temporary file is removed. The temporary name keeps ``path``'s suffix, so writers that
+    infer the format from it (plots) still do.
 
     Example::
 
@@ -23,6 +23,7 @@ def replaced_on_success(path: str | Path) -> Iterator[Path]:
             tmp.write_text(text)
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
     try:
         yield tmp

@@ -31,3 +31,8 @@ def test_the_temporary_file_keeps_the_suffix(tmp_path):
         assert tmp.suffix == ".png" and tmp.parent == tmp_path
         tmp.write_bytes(b"png")
     assert (tmp_path / "report.png").read_bytes() == b"png"
+
+
+def test_the_folder_is_created(tmp_path):
+    write_json(tmp_path / "new" / "deeper" / "check.json", {})
+    assert (tmp_path / "new" / "deeper" / "check.json").read_text() == "{}\n"

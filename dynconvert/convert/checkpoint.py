@@ -310,7 +310,6 @@ class Checkpointer:
 
 
 def _save_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     with replaced_on_success(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()

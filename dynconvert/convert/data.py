@@ -147,7 +147,6 @@ def decode_split(dataset, image_column: str, label_column: str, prep: Preprocess
     for i, item in enumerate(progress_bar(column, desc=f"decode {name}", unit="img", mininterval=1.0)):
         images[i] = torch.from_numpy(_decode(item, prep)).permute(2, 0, 1)
     if cache_file:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
         with replaced_on_success(cache_file) as partial:
             torch.save({"images": images, "labels": labels}, partial)
     return ImageSplit(images, labels, name)

@@ -65,7 +65,6 @@ def export_onnx(
         graph = export_graph(dyn, example[:1], form)
     except (TypeError, ValueError) as exc:
         raise DynconvertError(str(exc)) from None
-    path.parent.mkdir(parents=True, exist_ok=True)
     with replaced_on_success(path) as tmp:  # a model that fails its check is not written
         _export(graph, example, tmp, OUTPUT_NAMES[type(graph).__name__])
         batches = check_batches(images, random_inputs, input_size)
@@ -102,7 +101,6 @@ def export_static_onnx(
             graph = prepare_layout(trace(model))
         except DynconvertError as exc:
             log.warning("exporting %s without layout preparation: %s", type(model).__name__, exc)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with replaced_on_success(path) as tmp:
         _export(graph, example, tmp, ["logits"])
     return path
