@@ -1,10 +1,11 @@
-"""Writing files so that an interrupted or failed write never leaves a half-written file."""
+"""Writing files and folders so that an interrupted or failed write never leaves a half-written one."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,3 +37,39 @@ def write_json(path: str | Path, data: dict) -> None:
     """Write ``data`` as indented JSON to ``path``, replacing it only once fully written."""
     with replaced_on_success(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def folder_replaced_on_success(folder: str | Path) -> Iterator[Path]:
+    """An empty staging folder beside ``folder`` to write into; it replaces ``folder`` (a folder
+    or a file) when the block completes.
+
+    If the block raises, ``folder`` keeps what it held and the staging folder is removed. The
+    previous ``folder`` is moved aside before the staging folder takes its name and only then
+    deleted, so at no moment has the old content gone while the new one is still in staging.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
+    _remove(staging)
+    staging.mkdir()
+    try:
+        yield staging
+        if folder.exists() or folder.is_symlink():
+            previous = folder.with_name(f".{folder.name}.{os.getpid()}.previous")
+            _remove(previous)
+            os.replace(folder, previous)
+            os.replace(staging, folder)
+            _remove(previous)
+        else:
+            os.replace(staging, folder)
+    finally:
+        _remove(staging)
+
+
+def _remove(path: Path) -> None:
+    """Delete ``path`` whether it is a folder, a file or a link; nothing if it is not there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)

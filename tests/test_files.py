@@ -1,10 +1,10 @@
-"""Files are replaced only once fully written."""
+"""Files and folders are replaced only once fully written."""
 
 from __future__ import annotations
 
 import pytest
 
-from dynconvert.files import replaced_on_success, write_json
+from dynconvert.files import folder_replaced_on_success, replaced_on_success, write_json
 
 
 def test_a_completed_write_replaces_the_file(tmp_path):
@@ -36,3 +36,38 @@ def test_the_temporary_file_keeps_the_suffix(tmp_path):
 def test_the_folder_is_created(tmp_path):
     write_json(tmp_path / "new" / "deeper" / "check.json", {})
     assert (tmp_path / "new" / "deeper" / "check.json").read_text() == "{}\n"
+
+
+def test_a_completed_folder_replaces_the_old_one(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    with folder_replaced_on_success(out) as staging:
+        assert staging.parent == tmp_path and not list(staging.iterdir())
+        (staging / "report.json").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["report.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_completed_folder_replaces_a_file_of_its_name(tmp_path):
+    (tmp_path / "out").write_text("a file")
+    with folder_replaced_on_success(tmp_path / "out") as staging:
+        (staging / "meta.json").write_text("{}")
+    assert (tmp_path / "out" / "meta.json").read_text() == "{}"
+
+
+def test_a_failed_folder_keeps_the_old_one_and_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_text("old")
+    with pytest.raises(RuntimeError), folder_replaced_on_success(out) as staging:
+        (staging / "model.safetensors").write_text("half")
+        raise RuntimeError("interrupted")
+    assert (out / "model.safetensors").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_new_folder_gets_its_parents(tmp_path):
+    with folder_replaced_on_success(tmp_path / "a" / "b") as staging:
+        (staging / "x").write_text("1")
+    assert (tmp_path / "a" / "b" / "x").read_text() == "1"

@@ -6,7 +6,6 @@ import hashlib
 import inspect
 import logging
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from dynconvert.convert.report import build_report, plot_report
 from dynconvert.convert.save import save_dynamic, versions
 from dynconvert.convert.train import NonFiniteLoss
 from dynconvert.errors import DynconvertError
-from dynconvert.files import write_json
+from dynconvert.files import folder_replaced_on_success, write_json
 from dynconvert.recipe import Recipe, build_recipe, strategy_config
 from dynconvert.strategies import get_strategy
 
@@ -172,22 +171,15 @@ def _fit(strategy, dyn, data, prep, recipe: Recipe, config, checkpointer: Checkp
 def write_outputs(dyn, report: dict, out_dir: Path) -> None:
     """recipe.yaml, model/, report.json and report.png into ``out_dir``.
 
-    Everything is written into a sibling folder first and moved into place at the end, so an
-    interrupted run leaves the previous output (if any) as it was.
+    Everything is written into a staging folder beside it and moved into place at the end, so an
+    interrupted or failed run leaves the previous output (if any) as it was.
     """
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    (staging / "recipe.yaml").write_text(dyn.recipe.to_yaml())
-    save_dynamic(dyn, staging / "model")
-    write_json(staging / "report.json", report)
-    title = f"{report['model']} {report['strategy']}: {report['splits']['evaluation']} split"
-    plot_report(staging / "report.png", report, title)
-    if out_dir.is_dir():
-        shutil.rmtree(out_dir)
-    elif out_dir.exists():
-        out_dir.unlink()
-    staging.rename(out_dir)
+    with folder_replaced_on_success(out_dir) as staging:
+        (staging / "recipe.yaml").write_text(dyn.recipe.to_yaml())
+        save_dynamic(dyn, staging / "model")
+        write_json(staging / "report.json", report)
+        title = f"{report['model']} {report['strategy']}: {report['splits']['evaluation']} split"
+        plot_report(staging / "report.png", report, title)
 
 
 def _calibration_note(recipe: Recipe, data, fitted: dict, static: dict, dynamic: dict) -> dict:

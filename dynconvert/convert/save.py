@@ -7,8 +7,6 @@ recorded points and loads the inserted state: the base weights are never copied.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -17,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dynconvert.errors import DynconvertError
+from dynconvert.files import folder_replaced_on_success
 
 FORMAT_VERSION = 1
 STATE_FILE = "dynamic.safetensors"
@@ -36,28 +35,24 @@ def versions() -> dict[str, str]:
 def save_dynamic(dyn: nn.Module, folder: str | Path) -> Path:
     """Write ``dyn`` to ``folder``: recipe.yaml, meta.json and dynamic.safetensors.
 
-    Files go to a temporary folder first and are moved into place at the end.
+    Files go to a staging folder first and are moved into place at the end; a failed save
+    leaves ``folder`` as it was.
     """
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in dyn.state_dict().items() if k.startswith("dyn.")}
-    save_file(state, str(tmp / STATE_FILE))
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "strategy": dyn.recipe.strategy,
-        "plan": dyn.plan,
-        "base": dyn.base_info,
-        "input_size": list(dyn.preprocess.input_size) if getattr(dyn, "preprocess", None) else None,
-        "versions": versions(),
-        "steps": ["build", "trace", "plan", "passes", "train", "calibrate"],
-    }
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    (tmp / RECIPE_FILE).write_text(dyn.recipe.to_yaml())
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    with folder_replaced_on_success(folder) as tmp:
+        state = {k: v.detach().cpu().contiguous() for k, v in dyn.state_dict().items() if k.startswith("dyn.")}
+        save_file(state, str(tmp / STATE_FILE))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "strategy": dyn.recipe.strategy,
+            "plan": dyn.plan,
+            "base": dyn.base_info,
+            "input_size": list(dyn.preprocess.input_size) if getattr(dyn, "preprocess", None) else None,
+            "versions": versions(),
+            "steps": ["build", "trace", "plan", "passes", "train", "calibrate"],
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / RECIPE_FILE).write_text(dyn.recipe.to_yaml())
     return folder
 
 
