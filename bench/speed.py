@@ -9,7 +9,8 @@ process, interleaved image by image (batch 1) and batch by batch (batch 64), on 
 split's real images: the static network and the dynamic one.
 Reports the mean time per image (batch 1) and per batch of 64, the time ratio beside the FLOPs
 ratio of the same images, and their quotient (efficiency: 1.0 means every saved FLOP became saved
-time). Both models run in the same memory format: PyTorch's default (contiguous) unless
+time), beside the accuracy change: the conversion's (``report.json``, its whole evaluation split)
+and the one on the timed images. Both models run in the same memory format: PyTorch's default (contiguous) unless
 ``--memory-format channels_last`` (written to speed-channels_last.json). Early-exit models are
 also timed in throughput mode (``route_stream``: all images at once, every segment in full
 batches) against the static model over the same images in batches. At batch 1 the backbone
@@ -28,6 +29,7 @@ the JSON says the GPU was not measured.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -88,6 +90,17 @@ def decision_free(dyn, record: torch.Tensor):
     return None
 
 
+def conversion_accuracy(folder: Path) -> dict:
+    """The accuracy change the conversion's own report measured on its whole evaluation split
+    (the timed images are a few hundred of them, too few to tell a fraction of a point)."""
+    report = json.loads((folder / "report.json").read_text())
+    return {
+        "accuracy_change_points": 100 * (report["dynamic"]["accuracy"] - report["static"]["accuracy"]),
+        "accuracy_split": report["splits"]["evaluation"],
+        "accuracy_samples": report["evaluated_samples"],
+    }
+
+
 @torch.inference_mode()
 def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: str, device: str = "cpu") -> dict:
     fmt = FORMATS[memory_format]
@@ -95,8 +108,16 @@ def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: s
     static = build_model(dyn.recipe.model).eval().to(device=device, memory_format=fmt)
     data = load_conversion_data(dyn.recipe.data, dyn.preprocess, dyn.recipe.seed).evaluation
     x = normalize(data.images[:images], dyn.preprocess).to(device).contiguous(memory_format=fmt)
-    records = torch.cat([dyn.decision_record(dyn.route(x[i : i + batch])) for i in range(0, len(x), batch)])
+    routed = [dyn.route(x[i : i + batch]) for i in range(0, len(x), batch)]
+    records = torch.cat([dyn.decision_record(r) for r in routed])
     flops_ratio = float(dyn.flops_of(records).mean()) / dyn.static_flops()
+    labels = data.labels[: len(x)].to(device)
+    timed_accuracy = {
+        "static": float(
+            (torch.cat([static(x[i : i + batch]) for i in range(0, len(x), batch)]).argmax(1) == labels).float().mean()
+        ),
+        "dynamic": float((torch.cat([r.logits for r in routed]).argmax(1) == labels).float().mean()),
+    }
     for model in (static, dyn):  # warm-up
         for i in range(20):
             model(x[i : i + 1])
@@ -140,6 +161,9 @@ def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: s
         "device": torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu",
         "timer": "CUDA events" if x.is_cuda else "time.perf_counter",
         "flops_ratio": flops_ratio,
+        "accuracy_timed_images": timed_accuracy,
+        "accuracy_change_points_timed_images": 100 * (timed_accuracy["dynamic"] - timed_accuracy["static"]),
+        **conversion_accuracy(folder),
     }
     measured = [("batch1", single), (f"batch{batch}", batched)]
     if bound is not None:
@@ -190,6 +214,9 @@ def plot(results: list[dict], path: Path, batch: int, where: str) -> None:
         label=f"time ratio, batch {batch}",
     )
     ax.axhline(1.0, color="black", lw=0.8)
+    for i, r in zip(xs, results):
+        if "accuracy_change_points" in r:
+            ax.annotate(f"acc. {r['accuracy_change_points']:+.2f} pt", (i, 0.02), ha="center", fontsize=6)
     ax.set_xticks(list(xs), labels, fontsize=7)
     ax.set_ylabel("dynamic / static")
     ax.set_title(f"cifar_resnet56 on {where}: FLOPs and wall-clock ratios", fontsize=10)

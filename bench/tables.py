@@ -60,13 +60,20 @@ def spread(ratio: dict, flops_ratio: float, digits: int = 3) -> str:
     return f" ({low:.{digits}f} to {high:.{digits}f})"
 
 
+def accuracy_change(result: dict) -> str:
+    """``+0.77 pt / +0.40 pt``: on the conversion's evaluation split, then on the timed images."""
+    if "accuracy_change_points" not in result:
+        return "not recorded in this run"
+    return f"{result['accuracy_change_points']:+.2f} pt / {result['accuracy_change_points_timed_images']:+.2f} pt"
+
+
 def speed(data: dict) -> str:
     rows = [
-        "| model folder | FLOPs ratio | time ratio, batch 1 | time/FLOPs, batch 1 (range over rounds) | "
-        "time/FLOPs, batch 1, "
+        "| model folder | FLOPs ratio | accuracy change (test split / timed images) | time ratio, batch 1 | "
+        "time/FLOPs, batch 1 (range over rounds) | time/FLOPs, batch 1, "
         "decisions free | time ratio, batch 64 | time/FLOPs, batch 64 | time ratio, stream of 64s | "
         "time/FLOPs, stream | static ms (batch 1 / 64) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in data["results"]:
         b1, b64, stream = r["batch1"], r["batch64"], r.get("stream64")
@@ -76,7 +83,7 @@ def speed(data: dict) -> str:
         free = r.get("batch1_decisions_free")
         free_quotient = f"{free['time_ratio_over_flops_ratio']:.2f}" if free else "n/a"
         rows.append(
-            f"| {Path(r['model_dir']).name} | {r['flops_ratio']:.3f} | {b1['time_ratio']:.3f} | "
+            f"| {Path(r['model_dir']).name} | {r['flops_ratio']:.3f} | {accuracy_change(r)} | {b1['time_ratio']:.3f} | "
             f"{b1['time_ratio_over_flops_ratio']:.2f}{spread(b1, r['flops_ratio'], 2)} | {free_quotient} | "
             f"{b64['time_ratio']:.3f} | "
             f"{b64['time_ratio_over_flops_ratio']:.2f} | {streamed} | {b1['static_ms']:.2f} / {b64['static_ms']:.1f} |"
