@@ -47,17 +47,20 @@ def folder_replaced_on_success(folder: str | Path) -> Iterator[Path]:
     If the block raises, ``folder`` keeps what it held and the staging folder is removed. The
     previous ``folder`` is moved aside before the staging folder takes its name and only then
     deleted, so at no moment has the old content gone while the new one is still in staging.
+    The names beside it are fixed (``.NAME.partial``, ``.NAME.previous``), so what a killed
+    process left is found by the next write: a stale staging folder is deleted, and an old
+    folder moved aside but never replaced is put back first.
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
+    staging = folder.with_name(f".{folder.name}.partial")
+    previous = folder.with_name(f".{folder.name}.previous")
+    _recover(folder, previous)
     _remove(staging)
     staging.mkdir()
     try:
         yield staging
-        if folder.exists() or folder.is_symlink():
-            previous = folder.with_name(f".{folder.name}.{os.getpid()}.previous")
-            _remove(previous)
+        if _exists(folder):
             os.replace(folder, previous)
             os.replace(staging, folder)
             _remove(previous)
@@ -65,6 +68,21 @@ def folder_replaced_on_success(folder: str | Path) -> Iterator[Path]:
             os.replace(staging, folder)
     finally:
         _remove(staging)
+
+
+def _recover(folder: Path, previous: Path) -> None:
+    """Undo what a write killed half-way through its swap left: the old folder moved aside and no
+    new one in its place (put it back), or a stale copy of the old one beside the new (delete it)."""
+    if not _exists(previous):
+        return
+    if _exists(folder):
+        _remove(previous)
+    else:
+        os.replace(previous, folder)
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
 
 
 def _remove(path: Path) -> None:

@@ -71,3 +71,26 @@ def test_a_new_folder_gets_its_parents(tmp_path):
     with folder_replaced_on_success(tmp_path / "a" / "b") as staging:
         (staging / "x").write_text("1")
     assert (tmp_path / "a" / "b" / "x").read_text() == "1"
+
+
+def test_a_killed_write_is_cleaned_up_by_the_next_one(tmp_path):
+    """A process killed while staging leaves ``.out.partial``; one killed between moving the old
+    folder aside and moving the new one in leaves only ``.out.previous``: the old output."""
+    (tmp_path / ".out.partial").mkdir()
+    (tmp_path / ".out.partial" / "half.json").write_text("half")
+    (tmp_path / ".out.previous").mkdir()
+    (tmp_path / ".out.previous" / "report.json").write_text("old")
+    with pytest.raises(RuntimeError), folder_replaced_on_success(tmp_path / "out"):
+        raise RuntimeError("this run fails too")
+    assert (tmp_path / "out" / "report.json").read_text() == "old"  # the old output is back
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_stale_copy_of_the_old_folder_is_deleted(tmp_path):
+    """Killed after the new folder took its name, before the old one was deleted."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / ".out.previous").mkdir()
+    with folder_replaced_on_success(tmp_path / "out") as staging:
+        (staging / "report.json").write_text("new")
+    assert (tmp_path / "out" / "report.json").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
