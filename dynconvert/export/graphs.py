@@ -264,7 +264,7 @@ class BlockSkipGraph(nn.Module):
 
 # The form each strategy exports in by default: measured in onnxruntime on cifar_resnet56
 # (docs/export.md, bench/export.py).
-DEFAULT_FORMS = {EarlyExitModel: "gather", BlockSkipModel: "cond"}
+DEFAULT_FORMS = {EarlyExitModel: "cond", BlockSkipModel: "cond"}
 
 
 def check_exportable(dyn: nn.Module) -> None:
