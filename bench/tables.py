@@ -1,6 +1,6 @@
 """Markdown tables of the benchmark results in bench/results/*.json (what the README shows).
 
-python bench/tables.py [early_exit|skipnet|blockdrop|speed ...]
+python bench/tables.py [early_exit|skipnet|blockdrop|speed|export|summary ...]
 """
 
 from __future__ import annotations
@@ -113,6 +113,30 @@ def export(data: dict) -> str:
     return "\n".join(rows)
 
 
+def summary() -> str:
+    """One row per conversion timed by both speed benchmarks: accuracy, FLOPs, and the time/FLOPs
+    quotients in PyTorch (default memory format) and in onnxruntime (the strategy's default form)."""
+    speed_rows = json.loads((RESULTS / "speed.json").read_text())["results"]
+    exports = {Path(r["model_dir"]).name: r for r in json.loads((RESULTS / "export.json").read_text())["results"]}
+    rows = [
+        "| conversion | accuracy change | FLOPs ratio | time/FLOPs, PyTorch batch 1 (target 1.15) | "
+        "PyTorch batch 64 (target 1.25) | onnxruntime batch 1 (target 1.2) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in speed_rows:
+        name = Path(r["model_dir"]).name
+        if name not in exports:
+            continue
+        exported = exports[name]
+        onnx = exported["batch1"][exported["default_form"]]["time_ratio_over_flops_ratio"]
+        rows.append(
+            f"| {name} | {r['accuracy_change_points']:+.2f} pt | {r['flops_ratio']:.3f} | "
+            f"{r['batch1']['time_ratio_over_flops_ratio']:.2f} | {r['batch64']['time_ratio_over_flops_ratio']:.2f} | "
+            f"{onnx:.2f} |"
+        )
+    return "\n".join(rows)
+
+
 RENDER = {
     "early_exit": early_exit,
     "skipnet": block_skip,
@@ -125,7 +149,10 @@ RENDER = {
 
 
 def main() -> None:
-    for name in sys.argv[1:] or list(RENDER):
+    for name in sys.argv[1:] or [*RENDER, "summary"]:
+        if name == "summary":
+            print(f"## summary\n\n{summary()}\n")
+            continue
         path = RESULTS / f"{name}.json"
         if path.is_file():
             print(f"## {name}\n\n{RENDER[name](json.loads(path.read_text()))}\n")
