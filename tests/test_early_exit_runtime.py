@@ -175,6 +175,26 @@ def test_mixed_exits_batched_equals_per_sample(small_dyn, criterion):
     assert_close(batched.logits, torch.cat([s.logits for s in single]), **LOOSE)
 
 
+def test_samples_that_stay_keep_the_channels_last_layout(small_dyn):
+    """The rows gathered after an exit stay channels-last, so no segment pays a layout conversion."""
+    dyn, _ = small_dyn
+    x = torch.randn(16, 3, 32, 32)
+    dyn.dyn.thresholds.copy_(_thresholds_for_mixed_exits(dyn, x))
+    dyn = dyn.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    layouts = []
+    for segment in dyn.segments[1:]:
+        segment.register_forward_pre_hook(
+            lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+        )
+    with torch.no_grad():
+        batched = dyn.route(x)
+        single = [dyn.route(x[i : i + 1]) for i in range(len(x))]
+    assert torch.bincount(batched.exits, minlength=3).tolist() == [8, 4, 4]
+    assert layouts[:2] == [True, True]  # the 8, then the 4 samples still in
+    assert_close(batched.logits, torch.cat([s.logits for s in single]), **LOOSE)
+
+
 @pytest.mark.parametrize("batch_size", [3, 16, 64])
 def test_stream_mode_equals_per_sample_routing(small_dyn, batch_size):
     """route_stream regroups the samples still in into full batches: same logits and exits as alone."""

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynconvert.runtime.rows import memory_format_of, rows_where, select_rows
+
 
 @dataclass
 class Decisions:
@@ -23,34 +25,23 @@ def run_sub_batches(full: nn.Module, skipped: nn.Module, h: torch.Tensor, keep: 
     Feature maps keep their memory format (channels-last stays channels-last) through the
     gather and the scatter, so no layout conversion is paid per block.
     """
-    kept_rows = keep.nonzero().squeeze(1)
+    kept_rows = rows_where(keep)
     if kept_rows.numel() == h.shape[0]:
         return full(h)
     if kept_rows.numel() == 0:
         return skipped(h)
-    skipped_rows = (~keep).nonzero().squeeze(1)
-    out_kept = full(_select_rows(h, kept_rows))
-    out_skipped = skipped(_select_rows(h, skipped_rows))
+    skipped_rows = rows_where(~keep)
+    out_kept = full(select_rows(h, kept_rows))
+    out_skipped = skipped(select_rows(h, skipped_rows))
     out = torch.empty(
         (h.shape[0], *out_kept.shape[1:]),
         dtype=out_kept.dtype,
         device=out_kept.device,
-        memory_format=_memory_format(out_kept),
+        memory_format=memory_format_of(out_kept),
     )
     out.index_copy_(0, kept_rows, out_kept)
     out.index_copy_(0, skipped_rows, out_skipped)
     return out
-
-
-def _memory_format(t: torch.Tensor) -> torch.memory_format:
-    channels_last = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def _select_rows(h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    selected = h.index_select(0, rows)
-    fmt = _memory_format(h)
-    return selected if fmt is torch.contiguous_format else selected.contiguous(memory_format=fmt)
 
 
 def walk_units(x, units, skipped_units, droppable, settled, controller, bias, run_block) -> tuple[torch.Tensor, list]:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from dynconvert.runtime.confidence import confidence, row_confidence
+from dynconvert.runtime.rows import rows_where, select_rows
 
 
 @dataclass
@@ -100,18 +101,15 @@ class EarlyExitModel(nn.Module):
             if logits_out is None:
                 logits_out = logits.new_empty((batch, logits.shape[1]))
             leave = confidence(logits / temperatures[k], self.criterion) >= thresholds[k]
-            leaving = remaining[leave]
-            if leaving.numel():
-                stay = ~leave
-                logits_out[leaving] = logits[leave]
-                exits[leaving] = k
-                remaining, h = remaining[stay], h[stay]
+            leaving_rows = rows_where(leave)
+            if leaving_rows.numel():
+                remaining, h = _leave(logits_out, exits, k, logits, leaving_rows, rows_where(~leave), remaining, h)
                 if remaining.numel() == 0:
                     return Routed(logits_out, exits)
         final = self.segments[-1](h)
         if logits_out is None:
             return Routed(final, exits)
-        logits_out[remaining] = final
+        logits_out.index_copy_(0, remaining, final)
         return Routed(logits_out, exits)
 
     def route_stream(self, x: torch.Tensor, batch_size: int = 64) -> Routed:
@@ -140,16 +138,12 @@ class EarlyExitModel(nn.Module):
             if logits_out is None:
                 logits_out = logits.new_empty((n, logits.shape[1]))
             leave = confidence(logits / temperatures[k], self.criterion) >= thresholds[k]
-            leaving = remaining[leave]
-            logits_out[leaving] = logits[leave]
-            exits[leaving] = k
-            stay = ~leave
-            remaining, h = remaining[stay], h[stay]
+            remaining, h = _leave(logits_out, exits, k, logits, rows_where(leave), rows_where(~leave), remaining, h)
             if remaining.numel() == 0:
                 return Routed(logits_out, exits)
         if logits_out is None:
             return Routed(h, exits)
-        logits_out[remaining] = h
+        logits_out.index_copy_(0, remaining, h)
         return Routed(logits_out, exits)
 
     def _route_single(self, x: torch.Tensor, thresholds: list[float], temperatures: list[float]) -> Routed:
@@ -209,6 +203,16 @@ class EarlyExitModel(nn.Module):
     def static_flops(self) -> float:
         """FLOPs per sample of the original network (all segments, no heads)."""
         return float(sum(self.segment_flops))
+
+
+def _leave(logits_out, exits, k, logits, leaving_rows, staying_rows, remaining, h):
+    """Samples at ``leaving_rows`` of the current batch leave at exit ``k``: their ``logits`` are
+    written into ``logits_out`` and ``exits`` at their place in the full batch (``remaining``
+    maps current rows to it). Returns ``remaining`` and ``h`` of the samples that stay."""
+    leaving = remaining.index_select(0, leaving_rows)
+    logits_out.index_copy_(0, leaving, logits.index_select(0, leaving_rows))
+    exits.index_fill_(0, leaving, k)
+    return remaining.index_select(0, staying_rows), select_rows(h, staying_rows)
 
 
 def _in_batches(module: nn.Module, h: torch.Tensor, batch_size: int) -> torch.Tensor:
