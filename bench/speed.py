@@ -1,7 +1,7 @@
 """Saved FLOPs against saved time: static and dynamic models measured side by side.
 
     python bench/speed.py [MODEL_DIR ...] [--images 500] [--rounds 3] [--memory-format channels_last]
-                          [--device cuda]
+                          [--device cuda] [--replot]
 
 Each MODEL_DIR is a conversion's output folder (default: every folder under bench/out that
 holds a model; named folders replace their own rows and keep the other models' rows). In one
@@ -18,7 +18,8 @@ parts each image's decisions select are also timed alone, without exit heads, ga
 network (``batch1_decisions_free``): the time ratio the model would reach if its decisions were
 free, so the gap to the FLOPs ratio splits into what the decisions cost and what the backbone's
 uneven FLOP rate costs. Writes
-bench/results/speed.json and bench/results/speed.png.
+bench/results/speed.json and bench/results/speed.png (bars per model, the time ratio each target
+allows marked over its bar; ``--replot`` redraws the PNG from the JSON without measuring).
 
 On a GPU (``--device cuda``, the default where one is present) both models and the images
 live on the GPU, every call is timed with CUDA events (from before the call is issued to after
@@ -195,35 +196,55 @@ def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: s
     return result
 
 
+# the issue's targets: time ratio at most this many times the FLOPs ratio
+TARGETS = {"batch1": 1.15, "batch64": 1.25}
+
+
 def plot(results: list[dict], path: Path, batch: int, where: str) -> None:
+    """Bars of the FLOPs ratio and the two time ratios per model, with the time ratio each target
+    allows marked over its bar and the accuracy change under the model's name."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [Path(r["model_dir"]).name.replace(f"-{r['model']}", "\n") for r in results]
+    labels = []
+    for r in results:
+        label = Path(r["model_dir"]).name.replace(f"-{r['model']}", "\n")
+        if "accuracy_change_points" in r:
+            label += f"\nacc. {r['accuracy_change_points']:+.2f} pt"
+        labels.append(label)
     xs = range(len(results))
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(results), 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(results), 4.4), dpi=120)
     width = 0.26
     ax.bar([i - width for i in xs], [r["flops_ratio"] for r in results], width, label="FLOPs ratio")
-    ax.bar(list(xs), [r["batch1"]["time_ratio"] for r in results], width, label="time ratio, batch 1")
-    ax.bar(
-        [i + width for i in xs],
-        [r[f"batch{batch}"]["time_ratio"] for r in results],
-        width,
-        label=f"time ratio, batch {batch}",
-    )
+    for offset, key, label in (
+        (0, "batch1", "time ratio, batch 1"),
+        (width, f"batch{batch}", f"time ratio, batch {batch}"),
+    ):
+        ax.bar([i + offset for i in xs], [r[key]["time_ratio"] for r in results], width, label=label)
+        if key in TARGETS:
+            allowed = [TARGETS[key] * r["flops_ratio"] for r in results]
+            ax.hlines(
+                allowed, [i + offset - width / 2 for i in xs], [i + offset + width / 2 for i in xs], colors="black"
+            )
+    ax.plot([], [], color="black", label="target: 1.15 / 1.25 x the FLOPs ratio")
     ax.axhline(1.0, color="black", lw=0.8)
-    for i, r in zip(xs, results):
-        if "accuracy_change_points" in r:
-            ax.annotate(f"acc. {r['accuracy_change_points']:+.2f} pt", (i, 0.02), ha="center", fontsize=6)
     ax.set_xticks(list(xs), labels, fontsize=7)
     ax.set_ylabel("dynamic / static")
     ax.set_title(f"cifar_resnet56 on {where}: FLOPs and wall-clock ratios", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def where_measured(data: dict) -> str:
+    """The device a result file was measured on, for the plot's title."""
+    results = data["results"]
+    if results and results[0].get("device", "cpu") != "cpu":
+        return results[0]["device"]
+    return f"{data['machine']['cpu']} ({data['machine']['cores']} cores)"
 
 
 def main() -> None:
@@ -244,7 +265,23 @@ def main() -> None:
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="where both models run (default: the GPU where there is one)",
     )
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="measure nothing: redraw the PNG of this device and format from its JSON in bench/results",
+    )
     args = parser.parse_args()
+    name = "-".join(
+        [
+            "speed",
+            *(["cuda"] if args.device == "cuda" else []),
+            *([args.memory_format] if args.memory_format != "contiguous" else []),
+        ]
+    )
+    if args.replot:
+        data = json.loads((RESULTS / f"{name}.json").read_text())
+        plot(data["results"], RESULTS / f"{name}.png", args.batch, where_measured(data))
+        return
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU visible to PyTorch on this machine")
     if args.images < args.batch:
@@ -264,18 +301,11 @@ def main() -> None:
         gpu = "not measured: --device cpu"
     else:
         gpu = "not measured: no GPU on this machine"
-    name = "-".join(
-        [
-            "speed",
-            *(["cuda"] if args.device == "cuda" else []),
-            *([args.memory_format] if args.memory_format != "contiguous" else []),
-        ]
-    )
     if args.folders:  # the models named were re-measured; the others keep their rows
         results = with_earlier_rows(name, results)
-    write_result(name, {"machine": machine(), "gpu": gpu, "memory_format": args.memory_format, "results": results})
-    where = torch.cuda.get_device_name(0) if args.device == "cuda" else "this CPU"
-    plot(results, RESULTS / f"{name}.png", args.batch, where)
+    data = {"machine": machine(), "gpu": gpu, "memory_format": args.memory_format, "results": results}
+    write_result(name, data)
+    plot(results, RESULTS / f"{name}.png", args.batch, where_measured(data))
 
 
 if __name__ == "__main__":
