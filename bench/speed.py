@@ -228,7 +228,7 @@ def plot(results: list[dict], path: Path, batch: int, where: str) -> None:
             ax.hlines(
                 allowed, [i + offset - width / 2 for i in xs], [i + offset + width / 2 for i in xs], colors="black"
             )
-    ax.plot([], [], color="black", label="target: 1.15 / 1.25 x the FLOPs ratio")
+    ax.plot([], [], color="black", label=f"target: {' / '.join(map(str, TARGETS.values()))} x the FLOPs ratio")
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks(list(xs), labels, fontsize=7)
     ax.set_ylabel("dynamic / static")

@@ -138,9 +138,11 @@ class EarlyExitModel(nn.Module):
             if logits_out is None:
                 logits_out = logits.new_empty((n, logits.shape[1]))
             leave = confidence(logits / temperatures[k], self.criterion) >= thresholds[k]
-            remaining, h = _leave(logits_out, exits, k, logits, rows_where(leave), rows_where(~leave), remaining, h)
-            if remaining.numel() == 0:
-                return Routed(logits_out, exits)
+            leaving_rows = rows_where(leave)
+            if leaving_rows.numel():
+                remaining, h = _leave(logits_out, exits, k, logits, leaving_rows, rows_where(~leave), remaining, h)
+                if remaining.numel() == 0:
+                    return Routed(logits_out, exits)
         if logits_out is None:
             return Routed(h, exits)
         logits_out.index_copy_(0, remaining, h)
