@@ -1,12 +1,14 @@
 """Early exit on the pretrained CIFAR-10 ResNet-56, exactly as a user types it (defaults only).
 
-    python bench/early_exit.py [--datasets cifar10-jpeg cifar10-lossless] [--variants default latency]
+    python bench/early_exit.py [--datasets cifar10-jpeg cifar10-lossless] [--variants default latency onnx-latency]
 
 For each data set: fit and calibrate on its train split, evaluate on its whole test split.
 Variants: ``default`` (the command as a user types it), ``latency`` (the same with
 ``--set calibrate.cost=latency``: exits costed in measured batch-1 time, written to the folder
-with a ``-latency`` suffix). Writes bench/results/early_exit.json (rows of runs not repeated
-are kept) and copies each run's report.png next to it.
+with a ``-latency`` suffix), ``onnx-latency`` (the same costs measured in onnxruntime with one
+thread, as ``bench/export.py`` runs it: ``--set calibrate.latency_runtime=onnxruntime --set
+calibrate.latency_threads=1``, suffix ``-onnx-latency``). Writes bench/results/early_exit.json
+(rows of runs not repeated are kept) and copies each run's report.png next to it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ import shutil
 
 from common import OUT, RESULTS, SHARED, machine, run_cli, with_earlier_rows, write_result
 
-VARIANTS = {"default": [], "latency": ["--set", "calibrate.cost=latency"]}
+VARIANTS = {
+    "default": [],
+    "latency": ["--set", "calibrate.cost=latency"],
+    "onnx-latency": [
+        *("--set", "calibrate.cost=latency"),
+        *("--set", "calibrate.latency_runtime=onnxruntime"),
+        *("--set", "calibrate.latency_threads=1"),
+    ],
+}
 
 
 def main() -> None:

@@ -82,6 +82,10 @@ class CalibrateConfig:
     criterion: str = "max_softmax"
     reference: str = "labels"
     cost: str = "flops"
+    # where ``cost: latency`` measures: in PyTorch, or in onnxruntime (CPU) for a model that
+    # will be deployed as ONNX; threads 0: the runtime's own default
+    latency_runtime: str = "pytorch"
+    latency_threads: int = 0
 
     def validate(self) -> None:
         if (self.max_accuracy_drop is None) == (self.flops_ratio is None):
@@ -96,6 +100,8 @@ class CalibrateConfig:
         _check_choice("calibrate.criterion", self.criterion, ("max_softmax", "entropy"))
         _check_choice("calibrate.reference", self.reference, ("agreement", "labels"))
         _check_choice("calibrate.cost", self.cost, ("flops", "latency"))
+        _check_choice("calibrate.latency_runtime", self.latency_runtime, ("pytorch", "onnxruntime"))
+        _check_range("calibrate.latency_threads", self.latency_threads, 0, None)
 
 
 @dataclass

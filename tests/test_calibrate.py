@@ -46,19 +46,23 @@ def test_operating_point_respects_the_accuracy_budget():
     assert chosen.flops_ratio == min(p.flops_ratio for p in path if p.accuracy_drop_bound <= 0.01)
 
 
-def test_latency_costed_calibration_reports_time_and_flops(tiny_data, tiny_weights):
+@pytest.mark.parametrize("runtime", ["pytorch", "onnxruntime"])
+def test_latency_costed_calibration_reports_time_and_flops(tiny_data, tiny_weights, runtime):
     dyn = dynconvert.convert(
         "cifar_resnet20",
         strategy="early-exit",
         data=str(tiny_data),
         model__weights=str(tiny_weights),
         calibrate__cost="latency",
+        calibrate__latency_runtime=runtime,
+        calibrate__latency_threads=1,
         options__fractions=[0.3, 0.6],
         **TINY_RUN,
     )
     calibration = dyn.report["calibration"]
     assert calibration["cost"] == "latency"
     table = calibration["latency_table"]
+    assert table["runtime"] == runtime and table["threads"] == 1
     assert len(table["segment_ms"]) == dyn.num_exits + 1 and len(table["head_ms"]) == dyn.num_exits
     assert all(t > 0 for t in table["segment_ms"] + table["head_ms"])
     chosen = calibration["chosen"]

@@ -108,6 +108,8 @@ def test_int_is_accepted_where_a_float_is_expected():
         ("calibrate.max_accuracy_drop=2", "calibrate.max_accuracy_drop"),
         ("calibrate.criterion=margin", "calibrate.criterion"),
         ("calibrate.reference=teacher", "calibrate.reference"),
+        ("calibrate.latency_runtime=tensorrt", "calibrate.latency_runtime"),
+        ("calibrate.latency_threads=-1", "calibrate.latency_threads"),
         ("device=tpu", "device"),
         ("options.fractions=[0.2, 1.2]", "options.fractions"),
         ("options.head_pool=0", "options.head_pool"),

@@ -66,7 +66,7 @@ def export_onnx(
     except (TypeError, ValueError) as exc:
         raise DynconvertError(str(exc)) from None
     with replaced_on_success(path) as tmp:  # a model that fails its check is not written
-        _export(graph, example, tmp, OUTPUT_NAMES[type(graph).__name__])
+        export_module(graph, example, tmp, OUTPUT_NAMES[type(graph).__name__])
         batches = check_batches(images, random_inputs, input_size)
         try:
             report = check_onnx(tmp, dyn, batches)
@@ -102,11 +102,13 @@ def export_static_onnx(
         except DynconvertError as exc:
             log.warning("exporting %s without layout preparation: %s", type(model).__name__, exc)
     with replaced_on_success(path) as tmp:
-        _export(graph, example, tmp, ["logits"])
+        export_module(graph, example, tmp, ["logits"])
     return path
 
 
-def _export(graph: nn.Module, example: torch.Tensor, path: Path, output_names: list[str]) -> None:
+def export_module(graph: nn.Module, example: torch.Tensor, path: Path, output_names: list[str]) -> None:
+    """Export ``graph`` (one input ``x``, batch dimension dynamic) to ONNX at ``path``, without the
+    exporter's per-node records; raises DynconvertError when export fails."""
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     try:
         with warnings.catch_warnings(), _quiet_exporter():
@@ -116,7 +118,7 @@ def _export(graph: nn.Module, example: torch.Tensor, path: Path, output_names: l
                 (example,),
                 input_names=["x"],
                 output_names=output_names,
-                dynamic_shapes={"x": {0: batch}},
+                dynamic_shapes=({0: batch},),
                 dynamo=True,
                 verbose=False,
             )

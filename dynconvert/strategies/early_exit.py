@@ -25,7 +25,7 @@ from dynconvert.convert.calibrate import (
 from dynconvert.convert.checkpoint import Checkpointer
 from dynconvert.convert.costs import count_flops, node_flops
 from dynconvert.convert.data import normalize
-from dynconvert.convert.latency import early_exit_latency
+from dynconvert.convert.latency import early_exit_latency, early_exit_onnx_latency
 from dynconvert.convert.trace import trace
 from dynconvert.convert.train import fit_on_cached_features, freeze, map_batches
 from dynconvert.errors import DynconvertError
@@ -308,13 +308,18 @@ def calibrate_exits(dyn: EarlyExitModel, split, prep, recipe) -> dict:
 
 
 def _latency_sweep(dyn, split, prep, recipe, conf, exit_correct, final_correct) -> dict:
-    """The sweep costed in measured batch-1 time; each point also carries its FLOPs ratio."""
+    """The sweep costed in measured batch-1 time (in PyTorch on the recipe's device, or in
+    onnxruntime on the CPU); each point also carries its FLOPs ratio."""
+    cal = recipe.calibrate
     images = normalize(split.images[:8].to(recipe.device), prep)
-    timed = dyn
-    if images.dim() == 4 and recipe.device == "cpu":  # timed in the faster layout on CPU, on a copy
-        images = images.contiguous(memory_format=torch.channels_last)
-        timed = copy.deepcopy(dyn).to(memory_format=torch.channels_last)
-    segment_s, head_s = early_exit_latency(timed, images)
+    if cal.latency_runtime == "onnxruntime":
+        segment_s, head_s = early_exit_onnx_latency(dyn, images, threads=cal.latency_threads)
+    else:
+        timed = dyn
+        if images.dim() == 4 and recipe.device == "cpu":  # timed in the faster layout on CPU, on a copy
+            images = images.contiguous(memory_format=torch.channels_last)
+            timed = copy.deepcopy(dyn).to(memory_format=torch.channels_last)
+        segment_s, head_s = early_exit_latency(timed, images, threads=cal.latency_threads)
     path = threshold_sweep(conf, exit_correct, final_correct, segment_s, head_s, float(segment_s.sum()))
     for p in path:
         thresholds = torch.tensor(p.thresholds)
@@ -324,6 +329,8 @@ def _latency_sweep(dyn, split, prep, recipe, conf, exit_correct, final_correct) 
     return {
         "path": path,
         "batch": 1,
+        "runtime": cal.latency_runtime,
+        "threads": cal.latency_threads,
         "segment_ms": (segment_s * 1e3).tolist(),
         "head_ms": (head_s * 1e3).tolist(),
     }
