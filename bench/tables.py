@@ -11,6 +11,8 @@ from pathlib import Path
 
 from common import RESULTS
 
+VARIANT_LABELS = {"latency": ", latency-costed", "onnx-latency": ", costed in onnxruntime time"}
+
 
 def early_exit(data: dict) -> str:
     rows = [
@@ -22,7 +24,7 @@ def early_exit(data: dict) -> str:
         c = r["calibration_check"]
         bound = c.get("estimated_accuracy_drop_bound_95")
         rows.append(
-            f"| {r['data']}{', latency-costed' if r.get('variant') == 'latency' else ''} "
+            f"| {r['data']}{VARIANT_LABELS.get(r.get('variant'), '')} "
             f"({r['evaluated_samples']:,}) | {100 * r['static_accuracy']:.2f}% | "
             f"{100 * r['dynamic_accuracy']:.2f}% | {r['accuracy_change_points']:+.2f} pt | {r['flops_ratio']:.3f} | "
             f"{' / '.join(str(n) for n in r['exit_histogram'])} | {100 * c['estimated_accuracy_drop']:.2f} pt"

@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                 overrides.insert(0, f"{key}={value}")
         recipe = build_recipe(args.recipe, args.model, args.strategy, overrides)
         out = Path(args.out) if args.out else default_output(recipe)
+        if args.export == "onnx":
+            _hint_onnx_costs(recipe)
         dyn = convert_recipe(recipe, out=out, force=args.force, resume=args.resume)
         if args.export == "onnx":
             from dynconvert.export import export_onnx
@@ -101,3 +103,15 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _hint_onnx_costs(recipe) -> None:
+    """Early exits priced other than in onnxruntime time, for a model exported to run there: say
+    how to price them there (heads weigh more against onnxruntime's faster backbone)."""
+    cal = recipe.calibrate
+    if recipe.strategy == "early-exit" and not (cal.cost == "latency" and cal.latency_runtime == "onnxruntime"):
+        logging.getLogger(__name__).info(
+            "exits are priced in %s; for a model that will run in onnxruntime, --set calibrate.cost=latency "
+            "--set calibrate.latency_runtime=onnxruntime prices them in onnxruntime's time (docs/export.md)",
+            "FLOPs" if cal.cost == "flops" else "PyTorch time",
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -25,10 +26,13 @@ TINY = [
 ]  # fmt: skip
 
 
-def test_cli_exports_and_checks_beside_the_conversion(tiny_data, tiny_weights, tmp_path):
+def test_cli_exports_and_checks_beside_the_conversion(tiny_data, tiny_weights, tmp_path, caplog):
     out = tmp_path / "out"
     argv = ["cifar_resnet20", "--data", str(tiny_data), "--weights", str(tiny_weights), "--out", str(out)]
+    caplog.set_level(logging.INFO, logger="dynconvert.cli")
     assert main([*argv, *TINY, "--export", "onnx"]) == 0
+    # exits priced in FLOPs for a model bound for onnxruntime: the user is told how to price them there
+    assert "calibrate.latency_runtime=onnxruntime" in caplog.text
     report = json.loads((out / "model.onnx.check.json").read_text())
     assert report["passed"] and report["strategy"] == "early-exit"
     assert report["samples"]["images"] >= 48  # every test image of the tiny data set (some twice)
