@@ -57,16 +57,18 @@ def run_cli(args: list[str], out: Path, cold_cache: bool = True) -> tuple[dict, 
 
 
 def with_earlier_rows(name: str, rows: list[dict], field: str = "results", key=None) -> list[dict]:
-    """``rows`` after the rows of ``bench/results/NAME.json`` (list ``field``) that none of them
-    replaces: re-measuring some keeps the others' figures, each from its own run. Rows are
-    matched by ``key(row)``, by default the name of the model folder (``model_dir``)."""
+    """The rows of ``bench/results/NAME.json`` (list ``field``) with ``rows`` in them: a row of
+    ``rows`` takes the place of the earlier row it replaces, the others follow at the end, so
+    re-measuring some keeps the others' figures, each from its own run, and the tables' order.
+    Rows are matched by ``key(row)``, by default the name of the model folder (``model_dir``)."""
     key = key or (lambda r: Path(r["model_dir"]).name)
     path = RESULTS / f"{name}.json"
     if not path.is_file():
         return rows
-    measured = {key(r) for r in rows}
+    measured = {key(r): r for r in rows}
     earlier = json.loads(path.read_text())[field]
-    return [r for r in earlier if key(r) not in measured] + rows
+    kept = [measured.pop(key(r), r) for r in earlier]
+    return kept + [r for r in rows if key(r) in measured]
 
 
 def write_result(name: str, data: dict) -> Path:

@@ -106,12 +106,19 @@ if __name__ == "__main__":
 
 
 def _hint_onnx_costs(recipe) -> None:
-    """Early exits priced other than in onnxruntime time, for a model exported to run there: say
-    how to price them there (heads weigh more against onnxruntime's faster backbone)."""
+    """Early exits priced in FLOPs alone or in PyTorch time, for a model exported to run in
+    onnxruntime: say how to price them there (heads weigh more against its faster backbone)."""
     cal = recipe.calibrate
-    if recipe.strategy == "early-exit" and not (cal.cost == "latency" and cal.latency_runtime == "onnxruntime"):
-        logging.getLogger(__name__).info(
-            "exits are priced in %s; for a model that will run in onnxruntime, --set calibrate.cost=latency "
-            "--set calibrate.latency_runtime=onnxruntime prices them in onnxruntime's time (docs/export.md)",
-            "FLOPs" if cal.cost == "flops" else "PyTorch time",
-        )
+    if recipe.strategy != "early-exit":
+        return
+    if cal.cost == "flops" and not cal.head_overhead_mflops:
+        priced = "FLOPs alone"
+    elif cal.cost == "latency" and cal.latency_runtime == "pytorch":
+        priced = "PyTorch time"
+    else:
+        return
+    logging.getLogger(__name__).info(
+        "exits are priced in %s; for a model that will run in onnxruntime, --set calibrate.cost=latency "
+        "--set calibrate.latency_runtime=onnxruntime prices them in onnxruntime's time (docs/export.md)",
+        priced,
+    )

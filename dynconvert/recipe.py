@@ -82,6 +82,9 @@ class CalibrateConfig:
     criterion: str = "max_softmax"
     reference: str = "labels"
     cost: str = "flops"
+    # with cost "flops": what each head run costs on top of its FLOPs, in MFLOPs, when choosing
+    # thresholds (a head's time is its few operators more than its FLOPs); reports count FLOPs only
+    head_overhead_mflops: float = 0.0
     # where ``cost: latency`` measures: in PyTorch, or in onnxruntime (CPU) for a model that
     # will be deployed as ONNX; threads 0: the runtime's own default
     latency_runtime: str = "pytorch"
@@ -102,6 +105,7 @@ class CalibrateConfig:
         _check_choice("calibrate.cost", self.cost, ("flops", "latency"))
         _check_choice("calibrate.latency_runtime", self.latency_runtime, ("pytorch", "onnxruntime"))
         _check_range("calibrate.latency_threads", self.latency_threads, 0, None)
+        _check_range("calibrate.head_overhead_mflops", self.head_overhead_mflops, 0.0, None)
 
 
 @dataclass

@@ -68,3 +68,29 @@ def test_latency_costed_calibration_reports_time_and_flops(tiny_data, tiny_weigh
     chosen = calibration["chosen"]
     assert chosen["time_ratio"] is not None and 0 < chosen["flops_ratio"] <= 1.0 + 1e-6
     assert all(p["time_ratio"] is not None for p in calibration["sweep"])
+
+
+def test_head_overhead_prices_heads_in_the_sweep_but_not_in_the_report(tiny_data, tiny_weights):
+    def convert(overhead):
+        return dynconvert.convert(
+            "cifar_resnet20",
+            strategy="early-exit",
+            data=str(tiny_data),
+            model__weights=str(tiny_weights),
+            calibrate__head_overhead_mflops=overhead,
+            options__fractions=[0.3, 0.6],
+            **TINY_RUN,
+        )
+
+    plain = convert(0.0).report["calibration"]
+    assert all(p["priced_ratio"] is None for p in plain["sweep"])
+    # a head run priced above the whole network: no exit can pay for its head, so none runs
+    priced = convert(1e4)
+    chosen = priced.report["calibration"]["chosen"]
+    assert chosen["thresholds"] == [OFF] * priced.num_exits
+    assert chosen["flops_ratio"] == pytest.approx(1.0) and chosen["priced_ratio"] == pytest.approx(1.0)
+    assert priced.report["flops_ratio"] == pytest.approx(1.0)
+    for point in priced.report["calibration"]["sweep"]:
+        heads_on = sum(t <= 1.0 for t in point["thresholds"])
+        assert point["priced_ratio"] >= point["flops_ratio"] - 1e-9
+        assert (point["priced_ratio"] > point["flops_ratio"]) == (heads_on > 0)

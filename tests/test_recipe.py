@@ -110,6 +110,7 @@ def test_int_is_accepted_where_a_float_is_expected():
         ("calibrate.reference=teacher", "calibrate.reference"),
         ("calibrate.latency_runtime=tensorrt", "calibrate.latency_runtime"),
         ("calibrate.latency_threads=-1", "calibrate.latency_threads"),
+        ("calibrate.head_overhead_mflops=-1", "calibrate.head_overhead_mflops"),
         ("device=tpu", "device"),
         ("options.fractions=[0.2, 1.2]", "options.fractions"),
         ("options.head_pool=0", "options.head_pool"),

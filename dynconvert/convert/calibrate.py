@@ -41,6 +41,8 @@ class SweepPoint:
     accuracy_drop_bound: float = 0.0
     exit_fractions: list[float] = field(default_factory=list)
     time_ratio: float | None = None  # set when the sweep was costed in measured time
+    # set when each head run was priced above its FLOPs (calibrate.head_overhead_mflops)
+    priced_ratio: float | None = None
 
 
 def simulate_exits(conf: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:

@@ -285,8 +285,13 @@ def calibrate_exits(dyn: EarlyExitModel, split, prep, recipe) -> dict:
     conf = exit_confidences(exit_logits, temperatures, cal.criterion)
     exit_correct = torch.stack([lg.argmax(1) == reference for lg in exit_logits])
     final_correct = final.argmax(1) == reference
-    flops_path = threshold_sweep(conf, exit_correct, final_correct, *dyn.flops_table(), dyn.static_flops())
-    path, cheapest_by, latency = flops_path, "flops_ratio", None
+    segment_flops, head_flops = dyn.flops_table()
+    overhead = cal.head_overhead_mflops * 1e6 if cal.cost == "flops" else 0.0
+    path = threshold_sweep(conf, exit_correct, final_correct, segment_flops, head_flops + overhead, dyn.static_flops())
+    cheapest_by, latency = "flops_ratio", None
+    if overhead:
+        _with_true_flops(dyn, conf, path, "priced_ratio")
+        cheapest_by = "priced_ratio"
     if cal.cost == "latency":
         if isinstance(dyn, StageExitModel):
             log.warning("calibrate.cost=latency needs graph segments; the stage-end fallback is calibrated on FLOPs")
@@ -321,11 +326,7 @@ def _latency_sweep(dyn, split, prep, recipe, conf, exit_correct, final_correct) 
             timed = copy.deepcopy(dyn).to(memory_format=torch.channels_last)
         segment_s, head_s = early_exit_latency(timed, images, threads=cal.latency_threads)
     path = threshold_sweep(conf, exit_correct, final_correct, segment_s, head_s, float(segment_s.sum()))
-    for p in path:
-        thresholds = torch.tensor(p.thresholds)
-        exits = simulate_exits(conf, thresholds)
-        flops = dyn.exit_costs(thresholds)
-        p.time_ratio, p.flops_ratio = p.flops_ratio, float(flops[exits].mean()) / dyn.static_flops()
+    _with_true_flops(dyn, conf, path, "time_ratio")
     return {
         "path": path,
         "batch": 1,
@@ -334,3 +335,14 @@ def _latency_sweep(dyn, split, prep, recipe, conf, exit_correct, final_correct) 
         "segment_ms": (segment_s * 1e3).tolist(),
         "head_ms": (head_s * 1e3).tolist(),
     }
+
+
+def _with_true_flops(dyn, conf, path, priced_as: str) -> None:
+    """For a sweep costed otherwise than in FLOPs: move each point's cost ratio to ``priced_as``
+    and put its FLOPs ratio (heads at their FLOPs) in ``flops_ratio``, in place."""
+    for p in path:
+        thresholds = torch.tensor(p.thresholds)
+        exits = simulate_exits(conf, thresholds)
+        flops = dyn.exit_costs(thresholds)
+        setattr(p, priced_as, p.flops_ratio)
+        p.flops_ratio = float(flops[exits].mean()) / dyn.static_flops()
