@@ -56,6 +56,15 @@ def run_cli(args: list[str], out: Path, cold_cache: bool = True) -> tuple[dict, 
     return json.loads((out / "report.json").read_text()), seconds
 
 
+def repo_relative(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside (the same on every checkout)."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(REPO))
+    except ValueError:
+        return str(resolved)
+
+
 def with_earlier_rows(name: str, rows: list[dict], field: str = "results", key=None) -> list[dict]:
     """The rows of ``bench/results/NAME.json`` (list ``field``) with ``rows`` in them: a row of
     ``rows`` takes the place of the earlier row it replaces, the others follow at the end, so

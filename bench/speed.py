@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import OUT, RESULTS, machine, with_earlier_rows, write_result
+from common import OUT, RESULTS, machine, repo_relative, with_earlier_rows, write_result
 
 import dynconvert
 from dynconvert.convert.build import build_model
@@ -151,7 +151,7 @@ def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: s
             stream["static"].append(sum(timed(static, x[i : i + batch]) for i in range(0, len(x), batch)) * 1e3)
             stream["dynamic"].append(timed(lambda images: dyn.route_stream(images, batch), x) * 1e3)
     result = {
-        "model_dir": str(folder),
+        "model_dir": repo_relative(folder),
         "strategy": dyn.recipe.strategy,
         "model": dyn.recipe.model.name,
         "data": dyn.recipe.data.path,
