@@ -94,3 +94,23 @@ def test_head_overhead_prices_heads_in_the_sweep_but_not_in_the_report(tiny_data
         heads_on = sum(t <= 1.0 for t in point["thresholds"])
         assert point["priced_ratio"] >= point["flops_ratio"] - 1e-9
         assert (point["priced_ratio"] > point["flops_ratio"]) == (heads_on > 0)
+
+
+def test_a_part_that_does_not_export_says_how_to_calibrate_instead(tiny_data, tiny_weights, monkeypatch):
+    import dynconvert.export.onnx_export as onnx_export
+
+    def refuse(graph, *args, **kwargs):
+        raise dynconvert.DynconvertError(f"torch.onnx.export failed for {type(graph).__name__}: unsupported")
+
+    monkeypatch.setattr(onnx_export, "export_module", refuse)
+    with pytest.raises(dynconvert.DynconvertError, match="calibrate.latency_runtime=pytorch"):
+        dynconvert.convert(
+            "cifar_resnet20",
+            strategy="early-exit",
+            data=str(tiny_data),
+            model__weights=str(tiny_weights),
+            calibrate__cost="latency",
+            calibrate__latency_runtime="onnxruntime",
+            options__fractions=[0.3, 0.6],
+            **TINY_RUN,
+        )

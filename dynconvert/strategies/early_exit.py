@@ -318,7 +318,14 @@ def _latency_sweep(dyn, split, prep, recipe, conf, exit_correct, final_correct) 
     cal = recipe.calibrate
     images = normalize(split.images[:8].to(recipe.device), prep)
     if cal.latency_runtime == "onnxruntime":
-        segment_s, head_s = early_exit_onnx_latency(dyn, images, threads=cal.latency_threads)
+        try:
+            segment_s, head_s = early_exit_onnx_latency(dyn, images, threads=cal.latency_threads)
+        except DynconvertError as exc:
+            raise DynconvertError(
+                f"calibrate.latency_runtime=onnxruntime times each part of the model exported to ONNX, "
+                f"and a part did not export ({exc}); price the exits in PyTorch time instead: "
+                "--set calibrate.latency_runtime=pytorch"
+            ) from exc
     else:
         timed = dyn
         if images.dim() == 4 and recipe.device == "cpu":  # timed in the faster layout on CPU, on a copy
