@@ -101,10 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _hint_onnx_costs(recipe) -> None:
     """Early exits priced in FLOPs alone or in PyTorch time, for a model exported to run in
     onnxruntime: say how to price them there (heads weigh more against its faster backbone)."""
@@ -122,3 +118,7 @@ def _hint_onnx_costs(recipe) -> None:
         "--set calibrate.latency_runtime=onnxruntime prices them in onnxruntime's time (docs/export.md)",
         priced,
     )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

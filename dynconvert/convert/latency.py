@@ -117,24 +117,21 @@ def early_exit_onnx_latency(
         raise ValueError("timing in onnxruntime needs at least two example images (the batch is exported dynamic)")
     segments = [prepare_layout(frozen_copy(segment).cpu()) for segment in dyn.segments]
     decisions = [_ExitDecision(copy.deepcopy(head).cpu().eval(), dyn.criterion) for head in dyn.dyn.exits]
-    sessions: list = []
+    segment_runs, decision_runs = [], []
     with tempfile.TemporaryDirectory(prefix="dynconvert-latency-") as folder:
+
+        def exported(module: nn.Module, example: torch.Tensor, name: str):
+            path = Path(folder) / f"{name}.onnx"
+            export_module(module, example, path, ["y"])
+            session = ort_session(path, threads)
+            input_name = session.get_inputs()[0].name
+            return lambda x: session.run(None, {input_name: x})[0]
+
         h = images[:2].cpu()
         for k, segment in enumerate(progress_bar(segments, desc="onnxruntime parts", unit="part")):
-            path = Path(folder) / f"segment{k}.onnx"
-            export_module(segment, h, path, ["y"])
-            sessions.append(ort_session(path, threads))
+            segment_runs.append(exported(segment, h, f"segment{k}"))
             h = segment(h)
             if k < len(decisions):
-                path = Path(folder) / f"exit{k}.onnx"
-                export_module(decisions[k], h, path, ["leave"])
-                sessions.append(ort_session(path, threads))
-    segment_runs = [_ort_call(s) for s in sessions[0::2]]
-    decision_runs = [_ort_call(s) for s in sessions[1::2]]
+                decision_runs.append(exported(decisions[k], h, f"exit{k}"))
     inputs = [x[None].cpu().numpy() for x in images]
     return _time_chain(segment_runs, decision_runs, inputs, repeats)
-
-
-def _ort_call(session):
-    name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x})[0]

@@ -285,19 +285,22 @@ def calibrate_exits(dyn: EarlyExitModel, split, prep, recipe) -> dict:
     conf = exit_confidences(exit_logits, temperatures, cal.criterion)
     exit_correct = torch.stack([lg.argmax(1) == reference for lg in exit_logits])
     final_correct = final.argmax(1) == reference
-    segment_flops, head_flops = dyn.flops_table()
-    overhead = cal.head_overhead_mflops * 1e6 if cal.cost == "flops" else 0.0
-    path = threshold_sweep(conf, exit_correct, final_correct, segment_flops, head_flops + overhead, dyn.static_flops())
-    cheapest_by, latency = "flops_ratio", None
-    if overhead:
-        _with_true_flops(dyn, conf, path, "priced_ratio")
-        cheapest_by = "priced_ratio"
-    if cal.cost == "latency":
-        if isinstance(dyn, StageExitModel):
-            log.warning("calibrate.cost=latency needs graph segments; the stage-end fallback is calibrated on FLOPs")
-        else:
-            latency = _latency_sweep(dyn, split, prep, recipe, conf, exit_correct, final_correct)
-            path, cheapest_by = latency.pop("path"), "time_ratio"
+    latency = None
+    if cal.cost == "latency" and isinstance(dyn, StageExitModel):
+        log.warning("calibrate.cost=latency needs graph segments; the stage-end fallback is calibrated on FLOPs")
+    if cal.cost == "latency" and not isinstance(dyn, StageExitModel):
+        latency = _latency_sweep(dyn, split, prep, recipe, conf, exit_correct, final_correct)
+        path, cheapest_by = latency.pop("path"), "time_ratio"
+    else:
+        segment_flops, head_flops = dyn.flops_table()
+        overhead = cal.head_overhead_mflops * 1e6 if cal.cost == "flops" else 0.0
+        path = threshold_sweep(
+            conf, exit_correct, final_correct, segment_flops, head_flops + overhead, dyn.static_flops()
+        )
+        cheapest_by = "flops_ratio"
+        if overhead:
+            _with_true_flops(dyn, conf, path, "priced_ratio")
+            cheapest_by = "priced_ratio"
     chosen = choose_operating_point(path, cal.max_accuracy_drop, cal.flops_ratio, cheapest_by)
     dyn.dyn.temperatures.copy_(torch.tensor(temperatures))
     dyn.dyn.thresholds.copy_(torch.tensor(chosen.thresholds))
