@@ -77,7 +77,7 @@ def decision_free(dyn, record: torch.Tensor):
     backbone parts they select, with no exit head, gate or policy network; None for runtime
     models without such a form. Timing it bounds what any cheaper decision machinery could gain."""
     if isinstance(dyn, EarlyExitModel):
-        segments = list(dyn.segments[: int(record) + 1])
+        segments = dyn.runners()[: int(record) + 1]
 
         def run(x):
             for segment in segments:

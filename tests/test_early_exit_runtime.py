@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -278,3 +280,18 @@ def test_batch_one_confidence_in_python_equals_the_tensor_one(criterion):
         expected = confidence(logits / temperature, criterion)
         got = torch.tensor([row_confidence(row.tolist(), temperature, criterion) for row in logits])
         assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_runs_flat_runners_of_the_segments_it_holds_now(small_dyn):
+    dyn, model = small_dyn
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(dyn(x), model(x), **TIGHT)
+        runners = dyn.runners()
+        assert all(r is not s and "getattr(" not in r.code for r, s in zip(runners, dyn.segments))
+        assert dyn.runners() == runners, "built once"
+        last = dyn.segments[-1]
+        dyn.segments[-1] = copy.deepcopy(last)
+        dyn.segments[-1].get_parameter(next(n for n, _ in last.named_parameters())).data.mul_(3)
+        assert dyn.runners()[-1] is not runners[-1], "a replaced segment gets a runner of its own"
+        assert_close(dyn(x), dyn.segments[-1](dyn.segments[1](dyn.segments[0](x))), **TIGHT)

@@ -34,6 +34,7 @@ def test_folded_batchnorm_head_equals_its_layers(hidden):
     with torch.inference_mode():  # the cached folding
         assert torch.allclose(head(x), expected, atol=1e-5)
         assert torch.allclose(head(x[:1]), expected[:1], atol=1e-5)
+        assert torch.allclose(head.single_sample_logits(x[:1]), expected[:1], atol=1e-5)
 
 
 def test_folding_follows_a_change_of_the_weights():
@@ -79,3 +80,25 @@ def test_pooling_matches_adaptive_pooling(shape):
 def test_unknown_norm_or_activation_is_named(kwargs, word):
     with pytest.raises(ValueError, match=f"unknown head {word}"):
         ExitHead((16, 8, 8), 5, **kwargs)
+
+
+def test_single_sample_path_follows_a_change_of_the_weights():
+    head = trained_batchnorm_head()
+    x = torch.randn(1, 16, 8, 8)
+    with torch.inference_mode():
+        before = head.single_sample_logits(x)
+        head.classifier[1].weight.mul_(2)
+        after = head.single_sample_logits(x)
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, layer_by_layer(head, x), atol=1e-5)
+
+
+def test_single_sample_path_lets_hooks_and_layernorm_heads_see_the_call():
+    calls = []
+    layer_norm_head = ExitHead((16, 8, 8), 5, pool=4, hidden=6).eval()
+    hooked = trained_batchnorm_head()
+    for head in (layer_norm_head, hooked):
+        head.register_forward_hook(lambda module, args, out: calls.append(module))
+        with torch.inference_mode():
+            head.single_sample_logits(torch.randn(1, 16, 8, 8))
+    assert calls == [layer_norm_head, hooked]

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from dynconvert.runtime.confidence import confidence, row_confidence
+from dynconvert.runtime.flat_graph import runners_for
 from dynconvert.runtime.rows import rows_where, select_rows
 
 
@@ -53,10 +54,24 @@ class EarlyExitModel(nn.Module):
         self.head_flops = list(head_flops)
         self.criterion = criterion
         self.last_exits: torch.Tensor | None = None
+        self._runner_cache: tuple[list[nn.Module], list[nn.Module]] = ([], [])
 
     @property
     def num_exits(self) -> int:
         return len(self.dyn.exits)
+
+    def runners(self) -> list[nn.Module]:
+        """What runs each segment: a flat runner of it (see ``flat_graph``), built once per set of
+        segments; the segment itself where it has forward hooks (they fire on its own calls)
+        and while torch.compile or torch.export traces."""
+        if torch.compiler.is_compiling():
+            return list(self.segments)
+        segments, runners = self._runner_cache
+        if len(segments) != len(self.segments) or any(a is not b for a, b in zip(segments, self.segments)):
+            segments = list(self.segments)
+            runners = runners_for(segments)
+            self._runner_cache = (segments, runners)
+        return [s if s._forward_hooks or s._forward_pre_hooks else r for s, r in zip(segments, runners)]
 
     def flops_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(FLOPs per sample of each segment, of each head), float64: the cost table."""
@@ -86,15 +101,16 @@ class EarlyExitModel(nn.Module):
         """
         thresholds = self.dyn.thresholds.tolist()
         temperatures = self.dyn.temperatures.tolist()
+        segments = self.runners()
         if x.shape[0] == 1:
-            return self._route_single(x, thresholds, temperatures)
+            return self._route_single(x, segments, thresholds, temperatures)
         batch = x.shape[0]
         logits_out: torch.Tensor | None = None
         exits = torch.full((batch,), self.num_exits, dtype=torch.long, device=x.device)
         remaining = torch.arange(batch, device=x.device)
         h = x
         for k in range(self.num_exits):
-            h = self.segments[k](h)
+            h = segments[k](h)
             if thresholds[k] > 1.0:
                 continue
             logits = self.dyn.exits[k](h)
@@ -106,7 +122,7 @@ class EarlyExitModel(nn.Module):
                 remaining, h = _leave(logits_out, exits, k, logits, leaving_rows, rows_where(~leave), remaining, h)
                 if remaining.numel() == 0:
                     return Routed(logits_out, exits)
-        final = self.segments[-1](h)
+        final = segments[-1](h)
         if logits_out is None:
             return Routed(final, exits)
         logits_out.index_copy_(0, remaining, final)
@@ -123,13 +139,14 @@ class EarlyExitModel(nn.Module):
         """
         thresholds = self.dyn.thresholds.tolist()
         temperatures = self.dyn.temperatures.tolist()
+        segments = self.runners()
         n = x.shape[0]
         exits = torch.full((n,), self.num_exits, dtype=torch.long, device=x.device)
         remaining = torch.arange(n, device=x.device)
         logits_out: torch.Tensor | None = None
         h = x
         for k in range(self.num_exits + 1):
-            h = _in_batches(self.segments[k], h, batch_size)
+            h = _in_batches(segments[k], h, batch_size)
             if k == self.num_exits:
                 break
             if thresholds[k] > 1.0:
@@ -148,24 +165,27 @@ class EarlyExitModel(nn.Module):
         logits_out.index_copy_(0, remaining, h)
         return Routed(logits_out, exits)
 
-    def _route_single(self, x: torch.Tensor, thresholds: list[float], temperatures: list[float]) -> Routed:
-        h = x
+    def _route_single(
+        self, x: torch.Tensor, segments: list, thresholds: list[float], temperatures: list[float]
+    ) -> Routed:
+        heads, h = self.dyn.exits, x
         for k in range(self.num_exits):
-            h = self.segments[k](h)
+            h = segments[k](h)
             if thresholds[k] > 1.0:
                 continue
-            logits = self.dyn.exits[k](h)
+            head = heads[k]
+            logits = getattr(head, "single_sample_logits", head)(h)
             if row_confidence(logits.tolist()[0], temperatures[k], self.criterion) >= thresholds[k]:
                 return Routed(logits, torch.tensor([k], device=x.device))
-        return Routed(self.segments[-1](h), torch.tensor([self.num_exits], device=x.device))
+        return Routed(segments[-1](h), torch.tensor([self.num_exits], device=x.device))
 
     def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Every segment and every head, no exits taken: (final logits, exit logits per head)."""
-        outs, h = [], x
+        outs, h, segments = [], x, self.runners()
         for k in range(self.num_exits):
-            h = self.segments[k](h)
+            h = segments[k](h)
             outs.append(self.dyn.exits[k](h))
-        return self.segments[-1](h), outs
+        return segments[-1](h), outs
 
     def forward_all_flat(self, x: torch.Tensor) -> list[torch.Tensor]:
         """``forward_all`` as one list: final logits first, then each exit's logits."""
@@ -174,11 +194,11 @@ class EarlyExitModel(nn.Module):
 
     def exit_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(final logits, each head's parameter-free features): what a frozen backbone lets us cache."""
-        feats, h = [], x
+        feats, h, segments = [], x, self.runners()
         for k in range(self.num_exits):
-            h = self.segments[k](h)
+            h = segments[k](h)
             feats.append(self.dyn.exits[k].features(h))
-        return self.segments[-1](h), feats
+        return segments[-1](h), feats
 
     def decision_record(self, routed: Routed) -> torch.Tensor:
         """What was decided per sample: the exit index."""
