@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -65,17 +66,31 @@ def repo_relative(path: Path) -> str:
         return str(resolved)
 
 
+def conversion_id(folder: Path) -> str:
+    """A short fingerprint of the conversion in ``folder`` (of its ``report.json``): rows of two
+    benches that name it timed the same conversion, not two that shared the folder in turn."""
+    return hashlib.sha256((Path(folder) / "report.json").read_bytes()).hexdigest()[:12]
+
+
 def with_earlier_rows(name: str, rows: list[dict], field: str = "results", key=None) -> list[dict]:
     """The rows of ``bench/results/NAME.json`` (list ``field``) with ``rows`` in them: a row of
     ``rows`` takes the place of the earlier row it replaces, the others follow at the end, so
     re-measuring some keeps the others' figures, each from its own run, and the tables' order.
-    Rows are matched by ``key(row)``, by default the name of the model folder (``model_dir``)."""
+    Rows are matched by ``key(row)``, by default the name of the model folder (``model_dir``).
+
+    Every row names the processor it was measured on (``measured_on``): the new ones this
+    machine's, earlier ones without it their file's, so a table of rows from several runs says
+    where each came from."""
     key = key or (lambda r: Path(r["model_dir"]).name)
+    here = machine()["cpu"]
+    rows = [{**r, "measured_on": r.get("measured_on", here)} for r in rows]
     path = RESULTS / f"{name}.json"
     if not path.is_file():
         return rows
     measured = {key(r): r for r in rows}
-    earlier = json.loads(path.read_text())[field]
+    data = json.loads(path.read_text())
+    there = data.get("machine", {}).get("cpu", "not recorded")
+    earlier = [{**r, "measured_on": r.get("measured_on", there)} for r in data[field]]
     kept = [measured.pop(key(r), r) for r in earlier]
     return kept + [r for r in rows if key(r) in measured]
 

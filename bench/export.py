@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import torch
-from common import OUT, machine, repo_relative, with_earlier_rows, write_result
+from common import OUT, conversion_id, machine, repo_relative, with_earlier_rows, write_result
 
 import dynconvert
 from dynconvert.convert.build import build_model
@@ -88,6 +88,7 @@ def measure(folder: Path, images: int, repeats: int, threads: int, rounds: int) 
         session.run(None, {"x": xs[:64]})
     result = {
         "model_dir": repo_relative(folder),
+        "conversion": conversion_id(folder),
         "strategy": dyn.recipe.strategy,
         "model": dyn.recipe.model.name,
         "images": images,

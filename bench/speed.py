@@ -17,7 +17,9 @@ batches) against the static model over the same images in batches. At batch 1 th
 parts each image's decisions select are also timed alone, without exit heads, gates or policy
 network (``batch1_decisions_free``): the time ratio the model would reach if its decisions were
 free, so the gap to the FLOPs ratio splits into what the decisions cost and what the backbone's
-uneven FLOP rate costs. Writes
+uneven FLOP rate costs. The whole backbone run the same way (``batch1_full_depth``, the first
+100 images) is timed against the static network as well: how the dynamic model's way of running
+the same layers compares by itself, apart from anything skipped. Writes
 bench/results/speed.json and bench/results/speed.png (bars per model, the time ratio each target
 allows marked over its bar; ``--replot`` redraws the PNG from the JSON without measuring).
 
@@ -36,7 +38,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import OUT, RESULTS, machine, repo_relative, with_earlier_rows, write_result
+from common import OUT, RESULTS, conversion_id, machine, repo_relative, with_earlier_rows, write_result
 
 import dynconvert
 from dynconvert.convert.build import build_model
@@ -45,6 +47,8 @@ from dynconvert.convert.latency import early_exit_latency
 from dynconvert.runtime.block_skip import BlockSkipModel
 from dynconvert.runtime.early_exit import EarlyExitModel
 
+# images the whole-backbone pass is timed on each round: its ratio needs no more to settle
+FULL_DEPTH_IMAGES = 100
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
@@ -91,6 +95,17 @@ def decision_free(dyn, record: torch.Tensor):
     return None
 
 
+def full_depth(dyn):
+    """The decisions-free call that runs the whole backbone (every segment, every block): timed
+    against the static network it shows what the dynamic model's way of running the same layers
+    costs or saves by itself (1.0: the same time), apart from anything skipped."""
+    if isinstance(dyn, EarlyExitModel):
+        return decision_free(dyn, torch.tensor(dyn.num_exits))
+    if isinstance(dyn, BlockSkipModel):
+        return decision_free(dyn, torch.ones(dyn.num_blocks, dtype=torch.bool))
+    return None
+
+
 def conversion_accuracy(folder: Path) -> dict:
     """The accuracy change the conversion's own report measured on its whole evaluation split
     (the timed images are a few hundred of them, too few to tell a fraction of a point)."""
@@ -131,6 +146,8 @@ def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: s
     if bound is not None:
         for i in range(20):
             free[i](x[i : i + 1])
+    whole = full_depth(dyn)
+    depth = {"static": [], "dynamic": []} if whole is not None else None
     batched = {"static": [], "dynamic": []}
     stream = {"static": [], "dynamic": []}
     for _ in range(rounds):
@@ -139,6 +156,9 @@ def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: s
         if bound is not None:
             for key, ms in batch1_ms(static, free.__getitem__, x).items():
                 bound[key].append(ms)
+        if depth is not None:
+            for key, ms in batch1_ms(static, lambda i: whole, x[:FULL_DEPTH_IMAGES]).items():
+                depth[key].append(ms)
         totals = {"static": 0.0, "dynamic": 0.0}
         n_batches = 0
         for i in range(0, len(x) - batch + 1, batch):
@@ -152,6 +172,7 @@ def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: s
             stream["dynamic"].append(timed(lambda images: dyn.route_stream(images, batch), x) * 1e3)
     result = {
         "model_dir": repo_relative(folder),
+        "conversion": conversion_id(folder),
         "strategy": dyn.recipe.strategy,
         "model": dyn.recipe.model.name,
         "data": dyn.recipe.data.path,
@@ -166,12 +187,14 @@ def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: s
         "accuracy_change_points_timed_images": 100 * (timed_accuracy["dynamic"] - timed_accuracy["static"]),
         **conversion_accuracy(folder),
     }
-    measured = [("batch1", single), (f"batch{batch}", batched)]
+    measured = [("batch1", single, flops_ratio), (f"batch{batch}", batched, flops_ratio)]
     if bound is not None:
-        measured.append(("batch1_decisions_free", bound))
+        measured.append(("batch1_decisions_free", bound, flops_ratio))
+    if depth is not None:  # the whole backbone: the static network's FLOPs
+        measured.append(("batch1_full_depth", depth, 1.0))
     if stream["dynamic"]:
-        measured.append((f"stream{batch}", stream))
-    for name, times in measured:
+        measured.append((f"stream{batch}", stream, flops_ratio))
+    for name, times, flops in measured:
         s, d = statistics.median(times["static"]), statistics.median(times["dynamic"])
         ratio = d / s
         per_round = [dynamic / static for static, dynamic in zip(times["static"], times["dynamic"])]
@@ -182,8 +205,8 @@ def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: s
             "dynamic_ms_range": [min(times["dynamic"]), max(times["dynamic"])],
             "time_ratio": ratio,
             "time_ratio_range": [min(per_round), max(per_round)],
-            "time_ratio_over_flops_ratio": ratio / flops_ratio,
-            "efficiency": flops_ratio / ratio,
+            "time_ratio_over_flops_ratio": ratio / flops,
+            "efficiency": flops / ratio,
         }
     if hasattr(dyn, "segment_flops") and len(dyn.segments) == len(dyn.segment_flops):
         # where the time goes at batch 1: FLOP rate of each backbone segment

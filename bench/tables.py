@@ -73,9 +73,9 @@ def speed(data: dict) -> str:
     rows = [
         "| model folder | FLOPs ratio | accuracy change (test split / timed images) | time ratio, batch 1 | "
         "time/FLOPs, batch 1 (range over rounds) | time/FLOPs, batch 1, "
-        "decisions free | time ratio, batch 64 | time/FLOPs, batch 64 | time ratio, stream of 64s | "
-        "time/FLOPs, stream | static ms (batch 1 / 64) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "decisions free | full depth / static, batch 1 | time ratio, batch 64 | time/FLOPs, batch 64 | "
+        "time ratio, stream of 64s | time/FLOPs, stream | static ms (batch 1 / 64) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in data["results"]:
         b1, b64, stream = r["batch1"], r["batch64"], r.get("stream64")
@@ -84,10 +84,12 @@ def speed(data: dict) -> str:
         )
         free = r.get("batch1_decisions_free")
         free_quotient = f"{free['time_ratio_over_flops_ratio']:.2f}" if free else "n/a"
+        depth = r.get("batch1_full_depth")
+        full_depth = f"{depth['time_ratio']:.2f}" if depth else "n/a"
         rows.append(
             f"| {Path(r['model_dir']).name} | {r['flops_ratio']:.3f} | {accuracy_change(r)} | {b1['time_ratio']:.3f} | "
             f"{b1['time_ratio_over_flops_ratio']:.2f}{spread(b1, r['flops_ratio'], 2)} | {free_quotient} | "
-            f"{b64['time_ratio']:.3f} | "
+            f"{full_depth} | {b64['time_ratio']:.3f} | "
             f"{b64['time_ratio_over_flops_ratio']:.2f} | {streamed} | {b1['static_ms']:.2f} / {b64['static_ms']:.1f} |"
         )
     return "\n".join(rows)
@@ -127,9 +129,13 @@ def summary() -> str:
     ]
     for r in speed_rows:
         name = Path(r["model_dir"]).name
-        if name not in exports:
+        exported = exports.get(name)
+        # the same folder may hold a later conversion than the one the other bench timed: rows
+        # join when they name the same conversion (or, from before rows named it, the same machine)
+        if exported is None or exported.get("conversion") != r.get("conversion"):
             continue
-        exported = exports[name]
+        if "conversion" not in r and exported.get("measured_on") != r.get("measured_on"):
+            continue
         onnx = exported["batch1"][exported["default_form"]]["time_ratio_over_flops_ratio"]
         rows.append(
             f"| {name} | {r['accuracy_change_points']:+.2f} pt | {r['flops_ratio']:.3f} | "
@@ -137,6 +143,19 @@ def summary() -> str:
             f"{onnx:.2f} |"
         )
     return "\n".join(rows)
+
+
+def provenance(data: dict) -> str:
+    """Which processor the rows were measured on: one line, naming the rows when they differ."""
+    rows = data.get("results") or data.get("runs") or []
+    default = data.get("machine", {}).get("cpu", "not recorded")
+    by_machine: dict[str, list[str]] = {}
+    for r in rows:
+        label = Path(r["model_dir"]).name if "model_dir" in r else r.get("variant") or r.get("data", "?")
+        by_machine.setdefault(r.get("measured_on", default), []).append(label)
+    if len(by_machine) <= 1:
+        return f"Measured on {next(iter(by_machine), default)}."
+    return "Measured on " + "; ".join(f"{cpu}: {', '.join(labels)}" for cpu, labels in by_machine.items()) + "."
 
 
 RENDER = {
@@ -157,7 +176,8 @@ def main() -> None:
             continue
         path = RESULTS / f"{name}.json"
         if path.is_file():
-            print(f"## {name}\n\n{RENDER[name](json.loads(path.read_text()))}\n")
+            data = json.loads(path.read_text())
+            print(f"## {name}\n\n{RENDER[name](data)}\n\n{provenance(data)}\n")
 
 
 if __name__ == "__main__":

@@ -295,3 +295,17 @@ def test_runs_flat_runners_of_the_segments_it_holds_now(small_dyn):
         dyn.segments[-1].get_parameter(next(n for n, _ in last.named_parameters())).data.mul_(3)
         assert dyn.runners()[-1] is not runners[-1], "a replaced segment gets a runner of its own"
         assert_close(dyn(x), dyn.segments[-1](dyn.segments[1](dyn.segments[0](x))), **TIGHT)
+
+
+def test_an_exit_skips_the_later_layers_in_the_flat_runners_too(small_dyn):
+    dyn, _ = small_dyn
+    dyn.dyn.thresholds.copy_(torch.tensor([0.0, 2.0]))
+    calls = []
+    for k, segment in enumerate(dyn.segments):
+        for layer in segment.modules():
+            if isinstance(layer, torch.nn.Conv2d):
+                layer.register_forward_hook(lambda *_, k=k: calls.append(k))
+    with torch.no_grad():
+        dyn(torch.randn(3, 3, 32, 32))
+        dyn(torch.randn(1, 3, 32, 32))
+    assert calls and set(calls) == {0}

@@ -85,6 +85,23 @@ def test_skipped_blocks_really_do_not_run():
     assert float(dyn.sample_flops(dyn.last_kept)[0]) < 0.2 * dyn.static_flops()
 
 
+def test_skipped_blocks_do_not_run_in_the_flat_runners_either():
+    """Without hooks on the units, route runs their flat runners: the layers inside a skipped
+    block are not called (hooks on the layers themselves see every call)."""
+    _, dyn, size = prepared()
+    units, _ = dyn.runners()
+    assert all(r is not u and "getattr(" not in r.code for r, u in zip(units, dyn.units))
+    calls = []
+    for i, unit in enumerate(dyn.units):
+        first_conv = next(m for m in unit.modules() if isinstance(m, torch.nn.Conv2d))
+        first_conv.register_forward_hook(lambda *_, i=i: calls.append(i))
+    dyn.dyn.bias.fill_(-1e4)
+    with torch.no_grad():
+        dyn(torch.randn(4, 3, size, size))
+        dyn(torch.randn(1, 3, size, size))
+    assert calls and not any(dyn.droppable[i] for i in calls)
+
+
 @pytest.mark.parametrize("settled", [False, True], ids=["decided", "settled"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("gate", ["feedforward", "recurrent"])

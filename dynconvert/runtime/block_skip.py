@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynconvert.runtime.flat_graph import FlatRunners
 from dynconvert.runtime.rows import memory_format_of, rows_where, select_rows
 
 
@@ -122,6 +123,7 @@ class BlockSkipModel(nn.Module):
         self.last_kept: torch.Tensor | None = None
         # per droppable block: 1 runs for every sample, -1 for none, 0 as decided (see settle)
         self.settled: list[int] = [0] * self.num_blocks
+        self._unit_runners, self._skipped_runners = FlatRunners(), FlatRunners()
 
     @property
     def num_blocks(self) -> int:
@@ -174,7 +176,7 @@ class BlockSkipModel(nn.Module):
             keep = logit >= 0
             return _run_block(unit, skipped, h, keep), keep
 
-        h, kept = self._walk(x, hard, honour_settled=True)
+        h, kept = self._walk(x, hard, honour_settled=True, parts=self.runners())
         kept_matrix = torch.stack(kept, 1) if kept else x.new_zeros((x.shape[0], 0), dtype=torch.bool)
         return Decisions(h, kept_matrix)
 
@@ -220,7 +222,7 @@ class BlockSkipModel(nn.Module):
         """The units in turn; at droppable block ``index`` (input ``h``), ``decide(index, h)``
         says whether it runs in full or in its skipped form. Returns the output and the decisions."""
         h, index, keeps = x, 0, []
-        for unit, skipped, droppable in zip(self.units, self.skipped_units, self.droppable):
+        for unit, skipped, droppable in zip(*self.runners(), self.droppable):
             if droppable:
                 keep = decide(index, h)
                 keeps.append(keep)
@@ -230,20 +232,28 @@ class BlockSkipModel(nn.Module):
                 h = unit(h)
         return h, keeps
 
-    def _walk(self, x: torch.Tensor, run_block, honour_settled: bool = False) -> tuple[torch.Tensor, list]:
+    def _walk(self, x: torch.Tensor, run_block, honour_settled: bool = False, parts=None) -> tuple[torch.Tensor, list]:
         """:func:`walk_units` over this model's units; ``run_block(score, unit, skipped, h) ->
-        (output, record)``. Without ``honour_settled`` every block is decided by the controller."""
+        (output, record)``. Without ``honour_settled`` every block is decided by the controller.
+        ``parts``: what runs the units and their skipped forms (default: the modules themselves)."""
         settled = self.settled if honour_settled else [0] * self.num_blocks
+        units, skipped = parts or (self.units, self.skipped_units)
         return walk_units(
             x,
-            self.units,
-            self.skipped_units,
+            units,
+            skipped,
             self.droppable,
             settled,
             self.dyn.controller,
             self.dyn.bias,
-            lambda i, score, h: run_block(score, self.units[i], self.skipped_units[i], h),
+            lambda i, score, h: run_block(score, units[i], skipped[i], h),
         )
+
+    def runners(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        """What runs each unit and each skipped form in :meth:`route`: a flat runner of it
+        (``runtime/flat_graph.py``), the same graph over the same modules with one attribute
+        lookup per layer."""
+        return self._unit_runners.of(self.units), self._skipped_runners.of(self.skipped_units)
 
     def settle(self, kept: torch.Tensor) -> None:
         """Fix the decision of every block that ``kept`` (decisions on calibration data, (samples,

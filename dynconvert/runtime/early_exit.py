@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dynconvert.runtime.confidence import confidence, row_confidence
-from dynconvert.runtime.flat_graph import runners_for
+from dynconvert.runtime.flat_graph import FlatRunners
 from dynconvert.runtime.rows import rows_where, select_rows
 
 
@@ -54,24 +54,16 @@ class EarlyExitModel(nn.Module):
         self.head_flops = list(head_flops)
         self.criterion = criterion
         self.last_exits: torch.Tensor | None = None
-        self._runner_cache: tuple[list[nn.Module], list[nn.Module]] = ([], [])
+        self._runners = FlatRunners()
 
     @property
     def num_exits(self) -> int:
         return len(self.dyn.exits)
 
     def runners(self) -> list[nn.Module]:
-        """What runs each segment: a flat runner of it (see ``flat_graph``), built once per set of
-        segments; the segment itself where it has forward hooks (they fire on its own calls)
-        and while torch.compile or torch.export traces."""
-        if torch.compiler.is_compiling():
-            return list(self.segments)
-        segments, runners = self._runner_cache
-        if len(segments) != len(self.segments) or any(a is not b for a, b in zip(segments, self.segments)):
-            segments = list(self.segments)
-            runners = runners_for(segments)
-            self._runner_cache = (segments, runners)
-        return [s if s._forward_hooks or s._forward_pre_hooks else r for s, r in zip(segments, runners)]
+        """What runs each segment: a flat runner of it (``runtime/flat_graph.py``), the same
+        graph over the same modules with one attribute lookup per layer."""
+        return self._runners.of(self.segments)
 
     def flops_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(FLOPs per sample of each segment, of each head), float64: the cost table."""

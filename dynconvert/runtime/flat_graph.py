@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import fx, nn
 
 
@@ -49,3 +50,22 @@ def _hold(holders: nn.Module, owners: dict[str, str], segment: nn.Module, path: 
 def runners_for(segments: list[nn.Module]) -> list[nn.Module]:
     """A flat runner for each traced segment (other modules stand for themselves)."""
     return [flat_runner(s) if isinstance(s, fx.GraphModule) else s for s in segments]
+
+
+class FlatRunners:
+    """Flat runners of a list of modules, built once and again only when the list's members
+    change. A module with forward hooks runs itself (its hooks fire on its own calls), and so
+    does every module while torch.compile or torch.export traces."""
+
+    def __init__(self):
+        self._modules: list[nn.Module] = []
+        self._runners: list[nn.Module] = []
+
+    def of(self, modules) -> list[nn.Module]:
+        """What runs each of ``modules`` (an ``nn.ModuleList`` or a list), in order."""
+        if torch.compiler.is_compiling():
+            return list(modules)
+        if len(self._modules) != len(modules) or any(a is not b for a, b in zip(self._modules, modules)):
+            self._modules = list(modules)
+            self._runners = runners_for(self._modules)
+        return [m if m._forward_hooks or m._forward_pre_hooks else r for m, r in zip(self._modules, self._runners)]
