@@ -151,7 +151,12 @@ def provenance(data: dict) -> str:
     default = data.get("machine", {}).get("cpu", "not recorded")
     by_machine: dict[str, list[str]] = {}
     for r in rows:
-        label = Path(r["model_dir"]).name if "model_dir" in r else r.get("variant") or r.get("data", "?")
+        if "model_dir" in r:
+            label = Path(r["model_dir"]).name
+        elif "data" in r:  # early-exit runs: one per data set and variant
+            label = Path(r["data"]).name + ("" if r.get("variant", "default") == "default" else f" {r['variant']}")
+        else:
+            label = r.get("gate") or r.get("variant", "?")
         by_machine.setdefault(r.get("measured_on", default), []).append(label)
     if len(by_machine) <= 1:
         return f"Measured on {next(iter(by_machine), default)}."
