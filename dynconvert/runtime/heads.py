@@ -92,11 +92,7 @@ class ExitHead(FoldsForInference):
         # than the module calls around them, and every exit reached pays for a head
         if self.norm == "batch" and not self.training:
             # the BatchNorm folded into the first layer (cached under inference mode)
-            layers = self.folded()
-            h = features
-            for weight, bias in layers[:-1]:
-                h = self._activate(F.linear(h, weight, bias))
-            return F.linear(h, *layers[-1])
+            return self._classify_folded(features, self.folded())
         norm, first, *rest = self.classifier
         if self.norm == "batch":
             h = F.linear(norm(features), first.weight, first.bias)
@@ -117,7 +113,11 @@ class ExitHead(FoldsForInference):
         layers = self.cached_folding()
         if layers is None:
             return self(x)
-        h = self.features(x)
+        return self._classify_folded(self.features(x), layers)
+
+    def _classify_folded(self, features: torch.Tensor, layers) -> torch.Tensor:
+        """Logits from pooled features through the folded ``(weight, bias)`` layers."""
+        h = features
         for weight, bias in layers[:-1]:
             h = self._activate(F.linear(h, weight, bias))
         return F.linear(h, *layers[-1])
