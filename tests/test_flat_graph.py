@@ -63,3 +63,33 @@ def test_modules_that_are_not_traced_stand_for_themselves():
     segment = traced()
     runners = runners_for([plain, segment])
     assert runners[0] is plain and isinstance(runners[1], fx.GraphModule) and runners[1] is not segment
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.shortcut = nn.Identity()
+
+    def forward(self, x):
+        return torch.relu(self.conv(x) + self.shortcut(x))
+
+
+def test_blocks_of_the_same_structure_run_one_function_and_skip_identity_layers():
+    torch.manual_seed(0)
+    blocks = [fx.symbolic_trace(Residual().eval()) for _ in range(3)]
+    runners = runners_for(blocks)
+    x = torch.randn(2, 4, 8, 8)
+    for block, runner in zip(blocks, runners):
+        assert_close(runner(x), block(x), rtol=0, atol=0)
+    assert len({type(r).forward for r in runners}) == 1, "one function object for the three blocks' code"
+    assert "shortcut" in blocks[0].code and "m1" not in runners[0].code, "the identity shortcut is not called"
+
+
+def test_an_identity_layer_with_hooks_is_still_called():
+    block = fx.symbolic_trace(Residual().eval())
+    calls = []
+    block.shortcut.register_forward_hook(lambda *_: calls.append(1))
+    runner = flat_runner(block)
+    runner(torch.randn(1, 4, 8, 8))
+    assert calls == [1]

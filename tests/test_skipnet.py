@@ -277,3 +277,18 @@ def test_partial_backbone_tuning_is_saved_and_leaves_the_original_alone(tiny_dat
     reloaded = dict(loaded.units[tuned_unit].named_parameters())
     assert torch.equal(reloaded["layer3.2.conv1.weight"], tuned["layer3.2.conv1.weight"])
     assert_same_routes(dyn, loaded)
+
+
+@pytest.mark.parametrize("pool", [1, 2])
+def test_a_gates_batch1_keep_logit_is_its_decision(pool):
+    from dynconvert.runtime.gates import FeedForwardGates
+
+    torch.manual_seed(0)
+    gates = FeedForwardGates([(8, 6, 6), (16, 3, 3)], pool=pool).eval()
+    for index, shape in enumerate([(8, 6, 6), (16, 3, 3)]):
+        h = torch.randn(1, *shape)
+        logit, _ = gates.decide(index, h, None)
+        assert gates.keep_logit_of_one(index, h) == float(logit)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(h, pool).flatten(1)
+        first, _, last = gates.gates[index]
+        assert_close(logit, last(torch.relu(first(pooled))).squeeze(1), rtol=0, atol=0)

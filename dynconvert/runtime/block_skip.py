@@ -197,17 +197,20 @@ class BlockSkipModel(nn.Module):
         still steps through them, as in :func:`walk_units`)."""
         controller = self.dyn.controller
         steps_through = not getattr(controller, "independent_decisions", False)
-        bias = self.dyn.bias.tolist()
+        bias, settled = self.dyn.bias.tolist(), self.settled
         state = controller.start(x)
+        keep_logit_of_one = getattr(controller, "keep_logit_of_one", None)
 
         def decide(index: int, h: torch.Tensor) -> bool:
             nonlocal state
-            fixed = self.settled[index]
+            fixed = settled[index]
             if fixed and not steps_through:
                 return fixed > 0
-            logit, state = controller.decide(index, h, state)
             # added in Python (float64), the sum has the sign the float32 sum has: the decision
             # is the one the tensor comparison of the batched path makes
+            if keep_logit_of_one is not None and not steps_through:
+                return keep_logit_of_one(index, h) + bias[index] >= 0
+            logit, state = controller.decide(index, h, state)
             return fixed > 0 if fixed else logit.item() + bias[index] >= 0
 
         h, keeps = self._run_deciding(x, decide)

@@ -61,7 +61,7 @@ class FoldsForInference(DynModule):
         # checking the versions costs a few microseconds; walking the module for its tensors
         # would cost as much as several small convolutions at batch 1
         watched, versions, folded = self._folding
-        if watched is not None and all(t._version == v for t, v in zip(watched, versions)):
+        if watched is not None and [t._version for t in watched] == versions:
             return folded
         # inference tensors (a model loaded or moved under inference mode) keep no version and
         # cannot be written in place outside inference mode: only the others are watched

@@ -11,6 +11,8 @@ from dynconvert.runtime.modules import DynModule
 
 def _pool(h: torch.Tensor, size: int) -> torch.Tensor:
     if h.dim() == 4:
+        if size == 1:  # the mean adaptive pooling computes for one output pixel, without the reshapes
+            return h.mean((2, 3))
         return F.adaptive_avg_pool2d(h, size).flatten(1)
     return h.mean(1)  # token sequences (B, T, D)
 
@@ -50,6 +52,13 @@ class FeedForwardGates(DynModule):
         # otherwise pay for three module calls around its two small products
         hidden = F.relu(F.linear(_pool(h, self.pool), first.weight, first.bias))
         return F.linear(hidden, last.weight, last.bias).squeeze(1), state
+
+    def keep_logit_of_one(self, index: int, h: torch.Tensor) -> float:
+        """:meth:`decide`'s keep-logit for a batch of one, as a Python number: the batch-1 walk
+        reads it at once, so the squeeze and the state are left out."""
+        first, _, last = self.gates[index]
+        hidden = F.relu(F.linear(_pool(h, self.pool), first.weight, first.bias))
+        return F.linear(hidden, last.weight, last.bias).item()
 
 
 class RecurrentGates(DynModule):
