@@ -199,19 +199,22 @@ class BlockSkipModel(nn.Module):
         steps_through = not getattr(controller, "independent_decisions", False)
         bias, settled = self.dyn.bias.tolist(), self.settled
         state = controller.start(x)
-        keep_logit_of_one = getattr(controller, "keep_logit_of_one", None)
+        # gates that need no state can give their keep-logit as a number straight away
+        keep_logit_of_one = None if steps_through else getattr(controller, "keep_logit_of_one", None)
 
         def decide(index: int, h: torch.Tensor) -> bool:
             nonlocal state
             fixed = settled[index]
             if fixed and not steps_through:
                 return fixed > 0
+            if keep_logit_of_one is not None:
+                logit = keep_logit_of_one(index, h)
+            else:
+                logit_tensor, state = controller.decide(index, h, state)
+                logit = logit_tensor.item()
             # added in Python (float64), the sum has the sign the float32 sum has: the decision
             # is the one the tensor comparison of the batched path makes
-            if keep_logit_of_one is not None and not steps_through:
-                return keep_logit_of_one(index, h) + bias[index] >= 0
-            logit, state = controller.decide(index, h, state)
-            return fixed > 0 if fixed else logit.item() + bias[index] >= 0
+            return fixed > 0 if fixed else logit + bias[index] >= 0
 
         h, keeps = self._run_deciding(x, decide)
         return Decisions(h, torch.tensor([keeps], dtype=torch.bool, device=x.device))

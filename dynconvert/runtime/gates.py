@@ -47,18 +47,20 @@ class FeedForwardGates(DynModule):
 
     def decide(self, index: int, h: torch.Tensor, state):
         """Keep-logit of block ``index`` for each sample of ``h``; state is unused."""
-        first, _, last = self.gates[index]
-        # the gate's layers called as functions: at batch 1 every gate decided per image would
-        # otherwise pay for three module calls around its two small products
-        hidden = F.relu(F.linear(_pool(h, self.pool), first.weight, first.bias))
-        return F.linear(hidden, last.weight, last.bias).squeeze(1), state
+        return self._keep_logits(index, h).squeeze(1), state
 
     def keep_logit_of_one(self, index: int, h: torch.Tensor) -> float:
         """:meth:`decide`'s keep-logit for a batch of one, as a Python number: the batch-1 walk
         reads it at once, so the squeeze and the state are left out."""
+        return self._keep_logits(index, h).item()
+
+    def _keep_logits(self, index: int, h: torch.Tensor) -> torch.Tensor:
+        """Gate ``index``'s keep-logits, shape ``(batch, 1)``."""
         first, _, last = self.gates[index]
+        # the gate's layers called as functions: at batch 1 every gate decided per image would
+        # otherwise pay for three module calls around its two small products
         hidden = F.relu(F.linear(_pool(h, self.pool), first.weight, first.bias))
-        return F.linear(hidden, last.weight, last.bias).item()
+        return F.linear(hidden, last.weight, last.bias)
 
 
 class RecurrentGates(DynModule):
