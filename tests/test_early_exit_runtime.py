@@ -309,3 +309,76 @@ def test_an_exit_skips_the_later_layers_in_the_flat_runners_too(small_dyn):
         dyn(torch.randn(3, 3, 32, 32))
         dyn(torch.randn(1, 3, 32, 32))
     assert calls and set(calls) == {0}
+
+
+@pytest.fixture
+def batchnorm_dyn(prepare_early_exit):
+    """cifar_resnet20 with two exits whose heads fold (BatchNorm, ReLU): the fast batch-1 form."""
+    model = timm.create_model("cifar_resnet20", num_classes=3).eval()
+    overrides = {
+        "options.fractions": [0.3, 0.6],
+        "options.head_norm": "batch",
+        "options.head_activation": "relu",
+        "options.head_hidden": 8,
+    }
+    dyn = prepare_early_exit(model, overrides=overrides)
+    torch.manual_seed(0)
+    for head in dyn.dyn.exits:
+        norm = head.classifier[0]
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+    return dyn.eval()
+
+
+def route_without_fast_forms(dyn: EarlyExitModel, x: torch.Tensor) -> torch.Tensor:
+    """The logits of ``route`` with every head called as a module (outside inference mode)."""
+    with torch.no_grad():
+        return dyn.route(x).logits
+
+
+def test_batch1_fast_heads_equal_the_batched_route(batchnorm_dyn):
+    dyn = batchnorm_dyn
+    x = torch.randn(16, 3, 32, 32)
+    dyn.dyn.thresholds.copy_(_thresholds_for_mixed_exits(dyn, x))
+    with torch.inference_mode():
+        batched = dyn.route(x)
+        single = [dyn.route(x[i : i + 1]) for i in range(len(x))]
+    held, forms = dyn._single_sample
+    assert len(held) == dyn.num_exits, "the heads' single-sample forms were reused"
+    assert all(function is not head for (function, _), head in zip(forms, dyn.dyn.exits))
+    assert torch.bincount(batched.exits, minlength=3).tolist() == [8, 4, 4]
+    assert batched.exits.tolist() == [int(s.exits) for s in single]
+    assert_close(batched.logits, torch.cat([s.logits for s in single]), **LOOSE)
+
+
+def test_batch1_fast_heads_follow_writes_loads_hooks_and_copies(batchnorm_dyn):
+    dyn = batchnorm_dyn
+    dyn.dyn.thresholds.fill_(0.0)  # every sample leaves at the first exit
+    head = dyn.dyn.exits[0]
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        first = dyn.route(x).logits
+    assert_close(first, route_without_fast_forms(dyn, x), **TIGHT)
+
+    with torch.no_grad():
+        head.classifier[1].weight.mul_(2)  # written in place
+    with torch.inference_mode():
+        written = dyn.route(x).logits
+    assert not torch.allclose(written, first)
+    assert_close(written, route_without_fast_forms(dyn, x), **TIGHT)
+
+    copied = copy.deepcopy(dyn)
+    state = {k: v * 0.5 for k, v in head.state_dict().items() if v.is_floating_point()}
+    with torch.inference_mode():
+        head.load_state_dict(state, strict=False)  # under inference mode: no version is left behind
+        loaded = dyn.route(x).logits
+        from_copy = copied.route(x).logits
+    assert not torch.allclose(loaded, written)
+    assert_close(loaded, route_without_fast_forms(dyn, x), **TIGHT)
+    assert_close(from_copy, written, **TIGHT)
+
+    calls = []
+    head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    with torch.inference_mode():
+        dyn.route(x)
+    assert calls == [1]

@@ -292,3 +292,24 @@ def test_a_gates_batch1_keep_logit_is_its_decision(pool):
         pooled = torch.nn.functional.adaptive_avg_pool2d(h, pool).flatten(1)
         first, _, last = gates.gates[index]
         assert_close(logit, last(torch.relu(first(pooled))).squeeze(1), rtol=0, atol=0)
+
+
+def test_a_gates_batch1_form_under_inference_mode_is_its_decision_and_follows_its_weights():
+    from dynconvert.runtime.gates import FeedForwardGates
+
+    torch.manual_seed(0)
+    shapes = [(8, 6, 6), (16, 3, 3)]
+    gates = FeedForwardGates(shapes).eval()
+    hs = [torch.randn(1, *shape) for shape in shapes]
+    with torch.inference_mode():
+        forms = gates.keep_logit_forms()
+        assert forms is not None and gates.keep_logit_forms() is not None
+        for index, h in enumerate(hs):
+            function, args = forms[index]
+            assert function(h, *args) == float(gates.decide(index, h, None)[0])
+    with torch.no_grad():
+        gates.gates[1][0].weight.mul_(3)  # written in place: the next forms see it
+    with torch.inference_mode():
+        function, args = gates.keep_logit_forms()[1]
+        assert function(hs[1], *args) == float(gates.decide(1, hs[1], None)[0])
+    assert gates.keep_logit_forms() is None, "outside inference mode decide is the way"

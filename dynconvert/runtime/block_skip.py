@@ -199,16 +199,18 @@ class BlockSkipModel(nn.Module):
         steps_through = not getattr(controller, "independent_decisions", False)
         bias, settled = self.dyn.bias.tolist(), self.settled
         state = controller.start(x)
-        # gates that need no state can give their keep-logit as a number straight away
-        keep_logit_of_one = None if steps_through else getattr(controller, "keep_logit_of_one", None)
+        # gates that need no state give their keep-logit as a number straight away, each through
+        # a function on its weights asked for once per route
+        forms = None if steps_through else getattr(controller, "keep_logit_forms", lambda: None)()
 
         def decide(index: int, h: torch.Tensor) -> bool:
             nonlocal state
             fixed = settled[index]
             if fixed and not steps_through:
                 return fixed > 0
-            if keep_logit_of_one is not None:
-                logit = keep_logit_of_one(index, h)
+            if forms is not None:
+                function, args = forms[index]
+                logit = function(h, *args)
             else:
                 logit_tensor, state = controller.decide(index, h, state)
                 logit = logit_tensor.item()

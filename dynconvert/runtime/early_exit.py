@@ -9,6 +9,7 @@ from torch import nn
 
 from dynconvert.runtime.confidence import confidence, row_confidence
 from dynconvert.runtime.flat_graph import FlatRunners
+from dynconvert.runtime.folding import foldings_held, foldings_unchanged
 from dynconvert.runtime.rows import rows_where, select_rows
 
 
@@ -55,6 +56,7 @@ class EarlyExitModel(nn.Module):
         self.criterion = criterion
         self.last_exits: torch.Tensor | None = None
         self._runners = FlatRunners()
+        self._single_sample: tuple = ((), [])  # (the heads' foldings held, each head's single-sample form)
 
     @property
     def num_exits(self) -> int:
@@ -160,16 +162,33 @@ class EarlyExitModel(nn.Module):
     def _route_single(
         self, x: torch.Tensor, segments: list, thresholds: list[float], temperatures: list[float]
     ) -> Routed:
-        heads, h = self.dyn.exits, x
+        forms, h = self._single_sample_heads(), x
         for k in range(self.num_exits):
             h = segments[k](h)
             if thresholds[k] > 1.0:
                 continue
-            head = heads[k]
-            logits = getattr(head, "single_sample_logits", head)(h)
+            function, args = forms[k]
+            logits = function(h, *args)
             if row_confidence(logits.tolist()[0], temperatures[k], self.criterion) >= thresholds[k]:
                 return Routed(logits, torch.tensor([k], device=x.device))
         return Routed(segments[-1](h), torch.tensor([self.num_exits], device=x.device))
+
+    def _single_sample_heads(self) -> list[tuple]:
+        """Per exit, ``(function, args)`` giving one sample's logits as ``function(h, *args)``: the
+        head's :meth:`ExitHead.single_sample_form`, or the head itself. Asked of the heads once and
+        reused while their foldings hold (``runtime/folding.py: foldings_unchanged``), so a route
+        checks every head's weights in one pass rather than each head on every call."""
+        heads = self.dyn.exits
+        held, forms = self._single_sample
+        # torch.compile and torch.export trace the heads themselves (they cannot ask about inference mode)
+        reusable = torch.is_inference_mode_enabled() and not torch.compiler.is_compiling()
+        if reusable and foldings_unchanged(heads, held):
+            return forms
+        forms = [head.single_sample_form() if hasattr(head, "single_sample_form") else (head, ()) for head in heads]
+        # a head that runs itself (hooks, no folding) is asked again next time
+        cacheable = reusable and all(form[0] is not head for form, head in zip(forms, heads))
+        self._single_sample = (foldings_held(heads) if cacheable else (), forms)
+        return forms
 
     def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Every segment and every head, no exits taken: (final logits, exit logits per head)."""

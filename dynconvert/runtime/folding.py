@@ -75,3 +75,21 @@ class FoldsForInference(DynModule):
         torch.compile and torch.export trace the folding itself)."""
         cached = self.cached_folding()
         return self._fold() if cached is None else cached
+
+
+def foldings_held(modules) -> tuple:
+    """What :func:`foldings_unchanged` compares against: each module's cached folding as it is now."""
+    return tuple(getattr(m, "_folding", None) for m in modules)
+
+
+def foldings_unchanged(modules, held: tuple) -> bool:
+    """Whether every one of ``modules`` still holds the folding it held when ``held`` was taken
+    (:func:`foldings_held`): not forgotten (a load, a move or a mode switch) nor recomputed, no
+    tensor it was folded from written in place since, and no forward hook added. One check for
+    many modules, where asking each for its folding would walk the same checks one call at a time."""
+    for module, folding in zip(modules, held):
+        if getattr(module, "_folding", None) is not folding or module._forward_hooks or module._forward_pre_hooks:
+            return False
+        if folding is not None and folding[0] is not None and [t._version for t in folding[0]] != folding[1]:
+            return False
+    return len(modules) == len(held)

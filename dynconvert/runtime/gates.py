@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynconvert.runtime.folding import FoldsForInference
 from dynconvert.runtime.modules import DynModule
 
 
@@ -21,7 +22,7 @@ def _channels(shape: tuple[int, ...], pool: int) -> int:
     return shape[0] * pool * pool if len(shape) == 3 else shape[-1]
 
 
-class FeedForwardGates(DynModule):
+class FeedForwardGates(FoldsForInference):
     """One small gate per block: pooled input -> Linear -> ReLU -> Linear -> one logit.
 
     Args:
@@ -50,9 +51,30 @@ class FeedForwardGates(DynModule):
         return self._keep_logits(index, h).squeeze(1), state
 
     def keep_logit_of_one(self, index: int, h: torch.Tensor) -> float:
-        """:meth:`decide`'s keep-logit for a batch of one, as a Python number: the batch-1 walk
-        reads it at once, so the squeeze and the state are left out."""
-        return self._keep_logits(index, h).item()
+        """:meth:`decide`'s keep-logit for a batch of one, as a Python number."""
+        forms = self.keep_logit_forms()
+        if forms is None:
+            return self._keep_logits(index, h).item()
+        function, args = forms[index]
+        return function(h, *args)
+
+    def keep_logit_forms(self) -> list[tuple] | None:
+        """Per gate, ``(function, args)`` with ``function(h, *args)`` :meth:`keep_logit_of_one`
+        for a batch of one: the gate's operations on its weights as one straight-line function,
+        without the module lookups around them, which at batch 1 cost as much as the gate's two
+        small products. Cached under inference mode while the weights hold (see
+        ``runtime/folding.py``); None elsewhere, where :meth:`decide` is the way."""
+        weights = self.cached_folding()
+        if weights is None:
+            return None
+        return [(_keep_logit_of_one, (self.pool, *gate)) for gate in weights]
+
+    def _fold_sources(self) -> list[torch.Tensor]:
+        return list(self.parameters())
+
+    def _fold(self) -> list[tuple[torch.Tensor, ...]]:
+        """Each gate's weights as they are (nothing folds): what :meth:`keep_logit_forms` binds."""
+        return [(first.weight, first.bias, last.weight, last.bias) for first, _, last in self.gates]
 
     def _keep_logits(self, index: int, h: torch.Tensor) -> torch.Tensor:
         """Gate ``index``'s keep-logits, shape ``(batch, 1)``."""
@@ -61,6 +83,13 @@ class FeedForwardGates(DynModule):
         # otherwise pay for three module calls around its two small products
         hidden = F.relu(F.linear(_pool(h, self.pool), first.weight, first.bias))
         return F.linear(hidden, last.weight, last.bias)
+
+
+def _keep_logit_of_one(h, pool, weight1, bias1, weight2, bias2) -> float:
+    """One sample's keep-logit of a feed-forward gate on its weights (see
+    :meth:`FeedForwardGates.keep_logit_forms`); the hidden ReLU is taken in place."""
+    hidden = F.linear(_pool(h, pool), weight1, bias1).relu_()
+    return F.linear(hidden, weight2, bias2).item()
 
 
 class RecurrentGates(DynModule):
