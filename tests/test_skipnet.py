@@ -306,10 +306,10 @@ def test_a_gates_batch1_form_under_inference_mode_is_its_decision_and_follows_it
         assert forms is not None and gates.keep_logit_forms() is not None
         for index, h in enumerate(hs):
             function, args = forms[index]
-            assert function(h, *args) == float(gates.decide(index, h, None)[0])
+            assert function(h, *args).item() == float(gates.decide(index, h, None)[0])
     with torch.no_grad():
         gates.gates[1][0].weight.mul_(3)  # written in place: the next forms see it
     with torch.inference_mode():
         function, args = gates.keep_logit_forms()[1]
-        assert function(hs[1], *args) == float(gates.decide(1, hs[1], None)[0])
+        assert function(hs[1], *args).item() == float(gates.decide(1, hs[1], None)[0])
     assert gates.keep_logit_forms() is None, "outside inference mode decide is the way"

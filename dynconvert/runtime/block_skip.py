@@ -210,7 +210,7 @@ class BlockSkipModel(nn.Module):
                 return fixed > 0
             if forms is not None:
                 function, args = forms[index]
-                logit = function(h, *args)
+                logit = function(h, *args).item()
             else:
                 logit_tensor, state = controller.decide(index, h, state)
                 logit = logit_tensor.item()

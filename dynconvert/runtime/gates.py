@@ -42,6 +42,9 @@ class FeedForwardGates(FoldsForInference):
         )
         for gate in self.gates:
             nn.init.constant_(gate[-1].bias, 1.0)  # start with every block running, not saturated
+        # spatial inputs averaged to one value per channel: in inference the averaging's division
+        # folds into the first layer, so the gate sums (one operation instead of two)
+        self._positions = [s[1] * s[2] if len(s) == 3 and pool == 1 else None for s in input_shapes]
 
     def start(self, x: torch.Tensor):
         return None
@@ -52,44 +55,51 @@ class FeedForwardGates(FoldsForInference):
 
     def keep_logit_of_one(self, index: int, h: torch.Tensor) -> float:
         """:meth:`decide`'s keep-logit for a batch of one, as a Python number."""
-        forms = self.keep_logit_forms()
-        if forms is None:
-            return self._keep_logits(index, h).item()
-        function, args = forms[index]
-        return function(h, *args)
+        return self._keep_logits(index, h).item()
 
     def keep_logit_forms(self) -> list[tuple] | None:
-        """Per gate, ``(function, args)`` with ``function(h, *args)`` :meth:`keep_logit_of_one`
-        for a batch of one: the gate's operations on its weights as one straight-line function,
-        without the module lookups around them, which at batch 1 cost as much as the gate's two
-        small products. Cached under inference mode while the weights hold (see
-        ``runtime/folding.py``); None elsewhere, where :meth:`decide` is the way."""
-        weights = self.cached_folding()
-        if weights is None:
-            return None
-        return [(_keep_logit_of_one, (self.pool, *gate)) for gate in weights]
+        """Per gate, ``(function, args)`` with ``function(h, *args)`` the keep-logits ``(batch, 1)``
+        that :meth:`decide` computes: the gate's operations on its weights (the averaging's
+        division folded into the first layer) as one straight-line function, without the module
+        lookups around them, which at batch 1 cost as much as the gate's two small products.
+        Cached under inference mode while the weights hold (see ``runtime/folding.py``); None
+        elsewhere, where :meth:`decide` runs the layers themselves."""
+        return self.cached_folding()
 
     def _fold_sources(self) -> list[torch.Tensor]:
         return list(self.parameters())
 
-    def _fold(self) -> list[tuple[torch.Tensor, ...]]:
-        """Each gate's weights as they are (nothing folds): what :meth:`keep_logit_forms` binds."""
-        return [(first.weight, first.bias, last.weight, last.bias) for first, _, last in self.gates]
+    def _fold(self) -> list[tuple]:
+        """What :meth:`keep_logit_forms` gives: per gate, its function and weights."""
+        forms = []
+        for (first, _, last), positions in zip(self.gates, self._positions):
+            if positions is None:
+                forms.append((_pooled_gate, (self.pool, first.weight, first.bias, last.weight, last.bias)))
+            else:
+                forms.append((_summed_gate, (first.weight / positions, first.bias, last.weight, last.bias)))
+        return forms
 
     def _keep_logits(self, index: int, h: torch.Tensor) -> torch.Tensor:
         """Gate ``index``'s keep-logits, shape ``(batch, 1)``."""
+        forms = self.cached_folding()
+        if forms is not None:  # in inference, the same function at every batch size
+            function, args = forms[index]
+            return function(h, *args)
         first, _, last = self.gates[index]
-        # the gate's layers called as functions: at batch 1 every gate decided per image would
-        # otherwise pay for three module calls around its two small products
+        # the gate's layers called as functions: three module calls would cost more than its products
         hidden = F.relu(F.linear(_pool(h, self.pool), first.weight, first.bias))
         return F.linear(hidden, last.weight, last.bias)
 
 
-def _keep_logit_of_one(h, pool, weight1, bias1, weight2, bias2) -> float:
-    """One sample's keep-logit of a feed-forward gate on its weights (see
-    :meth:`FeedForwardGates.keep_logit_forms`); the hidden ReLU is taken in place."""
-    hidden = F.linear(_pool(h, pool), weight1, bias1).relu_()
-    return F.linear(hidden, weight2, bias2).item()
+def _summed_gate(h, weight1, bias1, weight2, bias2) -> torch.Tensor:
+    """A feed-forward gate on a spatial map's channel sums, ``weight1`` divided by the positions
+    (see :meth:`FeedForwardGates.keep_logit_forms`); the hidden ReLU is taken in place."""
+    return F.linear(F.linear(h.sum((2, 3)), weight1, bias1).relu_(), weight2, bias2)
+
+
+def _pooled_gate(h, pool, weight1, bias1, weight2, bias2) -> torch.Tensor:
+    """A feed-forward gate on its pooled input (see :meth:`FeedForwardGates.keep_logit_forms`)."""
+    return F.linear(F.linear(_pool(h, pool), weight1, bias1).relu_(), weight2, bias2)
 
 
 class RecurrentGates(DynModule):
