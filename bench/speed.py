@@ -1,12 +1,16 @@
 """Saved FLOPs against saved time: static and dynamic models measured side by side.
 
-    python bench/speed.py [MODEL_DIR ...] [--images 500] [--rounds 3] [--memory-format channels_last]
-                          [--device cuda] [--replot]
+    python bench/speed.py [MODEL_DIR ...] [--images 500] [--rounds 3] [--block 25]
+                          [--memory-format channels_last] [--device cuda] [--replot]
 
 Each MODEL_DIR is a conversion's output folder (default: every folder under bench/out that
 holds a model; named folders replace their own rows and keep the other models' rows). In one
-process, interleaved image by image (batch 1) and batch by batch (batch 64), on the evaluation
-split's real images: the static network and the dynamic one.
+process, on the evaluation split's real images, the static network and the dynamic one are
+timed interleaved: at batch 1 in turns of ``--block`` images (each model runs a few images in a
+row, warm, as it would serving alone, while the turns keep both under the same machine load;
+``batch1``) and also image by image (``batch1_alternating``: each model starts every image with
+the other's code and weights in the caches, which no deployment does and which costs the model
+with more distinct small operations more); batch by batch at batch 64.
 Reports the mean time per image (batch 1) and per batch of 64, the time ratio beside the FLOPs
 ratio of the same images, and their quotient (efficiency: 1.0 means every saved FLOP became saved
 time), beside the accuracy change: the conversion's (``report.json``, its whole evaluation split)
@@ -66,13 +70,18 @@ def timed(fn, x) -> float:
     return time.perf_counter() - start
 
 
-def batch1_ms(static, dynamic_for, x: torch.Tensor) -> dict[str, float]:
+def batch1_ms(static, dynamic_for, x: torch.Tensor, block: int = 1) -> dict[str, float]:
     """Mean ms per image, one image at a time, of ``static`` and of ``dynamic_for(i)`` on image
-    ``i``, interleaved image by image (the static model first)."""
+    ``i``, interleaved in blocks of ``block`` images: each model runs the block's images one after
+    another, then the other model runs the same images. With ``block`` 1 the static model goes
+    first on every image; with larger blocks the two take turns at going first."""
     totals = {"static": 0.0, "dynamic": 0.0}
-    for i in range(len(x)):
-        totals["static"] += timed(static, x[i : i + 1])
-        totals["dynamic"] += timed(dynamic_for(i), x[i : i + 1])
+    for turn, start in enumerate(range(0, len(x), block)):
+        stop = min(start + block, len(x))
+        first_static = block == 1 or turn % 2 == 0
+        for key in ("static", "dynamic") if first_static else ("dynamic", "static"):
+            for i in range(start, stop):
+                totals[key] += timed(static if key == "static" else dynamic_for(i), x[i : i + 1])
     return {key: total / len(x) * 1e3 for key, total in totals.items()}
 
 
@@ -118,7 +127,9 @@ def conversion_accuracy(folder: Path) -> dict:
 
 
 @torch.inference_mode()
-def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: str, device: str = "cpu") -> dict:
+def measure(
+    folder: Path, images: int, rounds: int, batch: int, memory_format: str, device: str = "cpu", block: int = 25
+) -> dict:
     fmt = FORMATS[memory_format]
     dyn = dynconvert.load(folder).eval().to(device=device, memory_format=fmt)
     static = build_model(dyn.recipe.model).eval().to(device=device, memory_format=fmt)
@@ -139,6 +150,7 @@ def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: s
             model(x[i : i + 1])
         model(x[:batch])
     single = {"static": [], "dynamic": []}
+    alternating = {"static": [], "dynamic": []}
     # the bound runs the dynamic model's own weights, so it is timed in a pass of its own (against
     # the static model again) rather than next to the dynamic model, whose weights it would warm
     free = [decision_free(dyn, r) for r in records[: len(x)]]
@@ -151,13 +163,15 @@ def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: s
     batched = {"static": [], "dynamic": []}
     stream = {"static": [], "dynamic": []}
     for _ in range(rounds):
-        for key, ms in batch1_ms(static, lambda i: dyn, x).items():
+        for key, ms in batch1_ms(static, lambda i: dyn, x, block).items():
             single[key].append(ms)
+        for key, ms in batch1_ms(static, lambda i: dyn, x).items():
+            alternating[key].append(ms)
         if bound is not None:
-            for key, ms in batch1_ms(static, free.__getitem__, x).items():
+            for key, ms in batch1_ms(static, free.__getitem__, x, block).items():
                 bound[key].append(ms)
         if depth is not None:
-            for key, ms in batch1_ms(static, lambda i: whole, x[:FULL_DEPTH_IMAGES]).items():
+            for key, ms in batch1_ms(static, lambda i: whole, x[:FULL_DEPTH_IMAGES], block).items():
                 depth[key].append(ms)
         totals = {"static": 0.0, "dynamic": 0.0}
         n_batches = 0
@@ -179,6 +193,7 @@ def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: s
         "split": data.name,
         "images": len(x),
         "rounds": rounds,
+        "batch1_block": block,
         "memory_format": memory_format,
         "device": torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu",
         "timer": "CUDA events" if x.is_cuda else "time.perf_counter",
@@ -187,7 +202,11 @@ def measure(folder: Path, images: int, rounds: int, batch: int, memory_format: s
         "accuracy_change_points_timed_images": 100 * (timed_accuracy["dynamic"] - timed_accuracy["static"]),
         **conversion_accuracy(folder),
     }
-    measured = [("batch1", single, flops_ratio), (f"batch{batch}", batched, flops_ratio)]
+    measured = [
+        ("batch1", single, flops_ratio),
+        ("batch1_alternating", alternating, flops_ratio),
+        (f"batch{batch}", batched, flops_ratio),
+    ]
     if bound is not None:
         measured.append(("batch1_decisions_free", bound, flops_ratio))
     if depth is not None:  # the whole backbone: the static network's FLOPs
@@ -277,6 +296,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument(
+        "--block",
+        type=int,
+        default=25,
+        help="batch 1: the two models take turns every this many images (each runs warm, as when it serves alone); "
+        "the image-by-image alternation is measured as well",
+    )
+    parser.add_argument(
         "--memory-format",
         choices=list(FORMATS),
         default="contiguous",
@@ -312,7 +338,7 @@ def main() -> None:
     folders = args.folders or sorted(p for p in OUT.iterdir() if (p / "model" / "meta.json").is_file())
     results = []
     for folder in folders:
-        result = measure(folder, args.images, args.rounds, args.batch, args.memory_format, args.device)
+        result = measure(folder, args.images, args.rounds, args.batch, args.memory_format, args.device, args.block)
         results.append(result)
         print(
             f"{result['strategy']:>10} {folder.name}: FLOPs {result['flops_ratio']:.3f}, time batch 1 "

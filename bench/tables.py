@@ -69,28 +69,34 @@ def accuracy_change(result: dict) -> str:
     return f"{result['accuracy_change_points']:+.2f} pt / {result['accuracy_change_points_timed_images']:+.2f} pt"
 
 
+def quotient(result: dict, key: str, digits: int = 2) -> str:
+    """The time/FLOPs quotient of one measurement of a speed row, or n/a where it was not taken."""
+    measured = result.get(key)
+    return f"{measured['time_ratio_over_flops_ratio']:.{digits}f}" if measured else "n/a"
+
+
 def speed(data: dict) -> str:
     rows = [
         "| model folder | FLOPs ratio | accuracy change (test split / timed images) | time ratio, batch 1 | "
-        "time/FLOPs, batch 1 (range over rounds) | time/FLOPs, batch 1, "
+        "time/FLOPs, batch 1 (range over rounds) | time/FLOPs, batch 1, image by image | time/FLOPs, batch 1, "
         "decisions free | full depth / static, batch 1 | time ratio, batch 64 | time/FLOPs, batch 64 | "
-        "time ratio, stream of 64s | time/FLOPs, stream | static ms (batch 1 / 64) |",
+        "time/FLOPs, stream of 64s | static ms (batch 1 / 64) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in data["results"]:
-        b1, b64, stream = r["batch1"], r["batch64"], r.get("stream64")
-        streamed = (
-            f"{stream['time_ratio']:.3f} | {stream['time_ratio_over_flops_ratio']:.2f}" if stream else "n/a | n/a"
-        )
-        free = r.get("batch1_decisions_free")
-        free_quotient = f"{free['time_ratio_over_flops_ratio']:.2f}" if free else "n/a"
+        b1, b64 = r["batch1"], r["batch64"]
         depth = r.get("batch1_full_depth")
         full_depth = f"{depth['time_ratio']:.2f}" if depth else "n/a"
+        if "batch1_block" in r:
+            steady = f"{b1['time_ratio']:.3f} | {quotient(r, 'batch1')}{spread(b1, r['flops_ratio'], 2)}"
+            alternating = quotient(r, "batch1_alternating")
+        else:  # rows from before the turns of several images: batch 1 was timed image by image
+            steady, alternating = "n/a | n/a", f"{b1['time_ratio_over_flops_ratio']:.2f}"
         rows.append(
-            f"| {Path(r['model_dir']).name} | {r['flops_ratio']:.3f} | {accuracy_change(r)} | {b1['time_ratio']:.3f} | "
-            f"{b1['time_ratio_over_flops_ratio']:.2f}{spread(b1, r['flops_ratio'], 2)} | {free_quotient} | "
-            f"{full_depth} | {b64['time_ratio']:.3f} | "
-            f"{b64['time_ratio_over_flops_ratio']:.2f} | {streamed} | {b1['static_ms']:.2f} / {b64['static_ms']:.1f} |"
+            f"| {Path(r['model_dir']).name} | {r['flops_ratio']:.3f} | {accuracy_change(r)} | {steady} | "
+            f"{alternating} | {quotient(r, 'batch1_decisions_free')} | "
+            f"{full_depth} | {b64['time_ratio']:.3f} | {b64['time_ratio_over_flops_ratio']:.2f} | "
+            f"{quotient(r, 'stream64')} | {b1['static_ms']:.2f} / {b64['static_ms']:.1f} |"
         )
     return "\n".join(rows)
 
@@ -118,29 +124,27 @@ def export(data: dict) -> str:
 
 
 def summary() -> str:
-    """One row per conversion timed by both speed benchmarks: accuracy, FLOPs, and the time/FLOPs
-    quotients in PyTorch (default memory format) and in onnxruntime (the strategy's default form)."""
+    """One row per conversion in speed.json: accuracy, FLOPs, and the time/FLOPs quotients in
+    PyTorch (default memory format) and, where bench/export.py timed the same conversion, in
+    onnxruntime (the strategy's default form)."""
     speed_rows = json.loads((RESULTS / "speed.json").read_text())["results"]
     exports = {Path(r["model_dir"]).name: r for r in json.loads((RESULTS / "export.json").read_text())["results"]}
     rows = [
         "| conversion | accuracy change | FLOPs ratio | time/FLOPs, PyTorch batch 1 (target 1.15) | "
-        "PyTorch batch 64 (target 1.25) | onnxruntime batch 1 (target 1.2) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "PyTorch batch 1, image by image | PyTorch batch 64 (target 1.25) | onnxruntime batch 1 (target 1.2) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in speed_rows:
         name = Path(r["model_dir"]).name
         exported = exports.get(name)
         # the same folder may hold a later conversion than the one the other bench timed: rows
-        # join when they name the same conversion (or, from before rows named it, the same machine)
-        if exported is None or exported.get("conversion") != r.get("conversion"):
-            continue
-        if "conversion" not in r and exported.get("measured_on") != r.get("measured_on"):
-            continue
-        onnx = exported["batch1"][exported["default_form"]]["time_ratio_over_flops_ratio"]
+        # join only when they name the same conversion
+        onnx = "not timed for this conversion"
+        if exported is not None and exported.get("conversion") == r.get("conversion"):
+            onnx = f"{exported['batch1'][exported['default_form']]['time_ratio_over_flops_ratio']:.2f}"
         rows.append(
             f"| {name} | {r['accuracy_change_points']:+.2f} pt | {r['flops_ratio']:.3f} | "
-            f"{r['batch1']['time_ratio_over_flops_ratio']:.2f} | {r['batch64']['time_ratio_over_flops_ratio']:.2f} | "
-            f"{onnx:.2f} |"
+            f"{quotient(r, 'batch1')} | {quotient(r, 'batch1_alternating')} | {quotient(r, 'batch64')} | {onnx} |"
         )
     return "\n".join(rows)
 
