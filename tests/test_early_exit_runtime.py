@@ -336,9 +336,10 @@ def route_without_fast_forms(dyn: EarlyExitModel, x: torch.Tensor) -> torch.Tens
         return dyn.route(x).logits
 
 
-def test_batch1_fast_heads_equal_the_batched_route(batchnorm_dyn):
-    dyn = batchnorm_dyn
-    x = torch.randn(16, 3, 32, 32)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_batch1_fast_heads_equal_the_batched_route(batchnorm_dyn, memory_format):
+    dyn = batchnorm_dyn.to(memory_format=memory_format)
+    x = torch.randn(16, 3, 32, 32).contiguous(memory_format=memory_format)
     dyn.dyn.thresholds.copy_(_thresholds_for_mixed_exits(dyn, x))
     with torch.inference_mode():
         batched = dyn.route(x)

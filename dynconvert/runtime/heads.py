@@ -160,5 +160,5 @@ class ExitHead(FoldsForInference):
 def _pooled_mlp_logits(x, kernel, weight1, bias1, weight2, bias2) -> torch.Tensor:
     """Logits of a pooled two-layer ReLU head on folded weights (see
     :meth:`ExitHead.single_sample_form`); the hidden layer's ReLU is taken in place."""
-    hidden = F.linear(F.avg_pool2d(x, kernel).view(x.shape[0], -1), weight1, bias1).relu_()
+    hidden = F.linear(F.avg_pool2d(x, kernel).flatten(1), weight1, bias1).relu_()
     return F.linear(hidden, weight2, bias2)
