@@ -345,7 +345,7 @@ def test_batch1_fast_heads_equal_the_batched_route(batchnorm_dyn, memory_format)
         batched = dyn.route(x)
         single = [dyn.route(x[i : i + 1]) for i in range(len(x))]
     held, forms = dyn._single_sample
-    assert len(held) == dyn.num_exits, "the heads' single-sample forms were reused"
+    assert held is not None and len(held[0]) == dyn.num_exits, "the heads' single-sample forms were reused"
     assert all(function is not head for (function, _), head in zip(forms, dyn.dyn.exits))
     assert torch.bincount(batched.exits, minlength=3).tolist() == [8, 4, 4]
     assert batched.exits.tolist() == [int(s.exits) for s in single]

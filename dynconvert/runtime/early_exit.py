@@ -56,7 +56,7 @@ class EarlyExitModel(nn.Module):
         self.criterion = criterion
         self.last_exits: torch.Tensor | None = None
         self._runners = FlatRunners()
-        self._single_sample: tuple = ((), [])  # (the heads' foldings held, each head's single-sample form)
+        self._single_sample: tuple = (None, [])  # (the heads' foldings held, each head's single-sample form)
 
     @property
     def num_exits(self) -> int:
@@ -83,8 +83,11 @@ class EarlyExitModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits with exits taken (``last_exits`` keeps the exits); in eval mode, under inference mode."""
-        with torch.inference_mode(not self.training):
+        if not self.training and torch.is_inference_mode_enabled():  # already there: no context to enter
             routed = self.route(x)
+        else:
+            with torch.inference_mode(not self.training):
+                routed = self.route(x)
         self.last_exits = routed.exits
         return routed.logits
 
@@ -170,8 +173,8 @@ class EarlyExitModel(nn.Module):
             function, args = forms[k]
             logits = function(h, *args)
             if row_confidence(logits.tolist()[0], temperatures[k], self.criterion) >= thresholds[k]:
-                return Routed(logits, torch.tensor([k], device=x.device))
-        return Routed(segments[-1](h), torch.tensor([self.num_exits], device=x.device))
+                return Routed(logits, torch.full((1,), k, dtype=torch.long, device=x.device))
+        return Routed(segments[-1](h), torch.full((1,), self.num_exits, dtype=torch.long, device=x.device))
 
     def _single_sample_heads(self) -> list[tuple]:
         """Per exit, ``(function, args)`` giving one sample's logits as ``function(h, *args)``: the
@@ -182,12 +185,12 @@ class EarlyExitModel(nn.Module):
         held, forms = self._single_sample
         # torch.compile and torch.export trace the heads themselves (they cannot ask about inference mode)
         reusable = torch.is_inference_mode_enabled() and not torch.compiler.is_compiling()
-        if reusable and foldings_unchanged(heads, held):
+        if reusable and held is not None and foldings_unchanged(heads, held):
             return forms
         forms = [head.single_sample_form() if hasattr(head, "single_sample_form") else (head, ()) for head in heads]
         # a head that runs itself (hooks, no folding) is asked again next time
         cacheable = reusable and all(form[0] is not head for form, head in zip(forms, heads))
-        self._single_sample = (foldings_held(heads) if cacheable else (), forms)
+        self._single_sample = (foldings_held(heads) if cacheable else None, forms)
         return forms
 
     def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -78,8 +78,11 @@ class FoldsForInference(DynModule):
 
 
 def foldings_held(modules) -> tuple:
-    """What :func:`foldings_unchanged` compares against: each module's cached folding as it is now."""
-    return tuple(getattr(m, "_folding", None) for m in modules)
+    """What :func:`foldings_unchanged` compares against: each module's cached folding as it is
+    now, and every tensor those foldings watch with its version, in one flat list."""
+    foldings = tuple(getattr(m, "_folding", None) for m in modules)
+    watched = [t for f in foldings if f is not None and f[0] is not None for t in f[0]]
+    return foldings, watched, [t._version for t in watched]
 
 
 def foldings_unchanged(modules, held: tuple) -> bool:
@@ -87,9 +90,10 @@ def foldings_unchanged(modules, held: tuple) -> bool:
     (:func:`foldings_held`): not forgotten (a load, a move or a mode switch) nor recomputed, no
     tensor it was folded from written in place since, and no forward hook added. One check for
     many modules, where asking each for its folding would walk the same checks one call at a time."""
-    for module, folding in zip(modules, held):
+    foldings, watched, versions = held
+    if len(modules) != len(foldings):
+        return False
+    for module, folding in zip(modules, foldings):
         if getattr(module, "_folding", None) is not folding or module._forward_hooks or module._forward_pre_hooks:
             return False
-        if folding is not None and folding[0] is not None and [t._version for t in folding[0]] != folding[1]:
-            return False
-    return len(modules) == len(held)
+    return [t._version for t in watched] == versions
