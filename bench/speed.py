@@ -274,7 +274,7 @@ def plot(results: list[dict], path: Path, batch: int, where: str) -> None:
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks(list(xs), labels, fontsize=7)
     ax.set_ylabel("dynamic / static")
-    ax.set_title(f"cifar_resnet56 on {where}: FLOPs and wall-clock ratios", fontsize=10)
+    ax.set_title(f"cifar_resnet56 on {where}:\nFLOPs and wall-clock ratios", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0))
     fig.tight_layout()
     fig.savefig(path)
