@@ -280,7 +280,7 @@ def test_partial_backbone_tuning_is_saved_and_leaves_the_original_alone(tiny_dat
 
 
 @pytest.mark.parametrize("pool", [1, 2])
-def test_a_gates_batch1_keep_logit_is_its_decision(pool):
+def test_a_gates_decision_outside_inference_is_its_layers(pool):
     from dynconvert.runtime.gates import FeedForwardGates
 
     torch.manual_seed(0)
@@ -288,18 +288,18 @@ def test_a_gates_batch1_keep_logit_is_its_decision(pool):
     for index, shape in enumerate([(8, 6, 6), (16, 3, 3)]):
         h = torch.randn(1, *shape)
         logit, _ = gates.decide(index, h, None)
-        assert gates.keep_logit_of_one(index, h) == float(logit)
         pooled = torch.nn.functional.adaptive_avg_pool2d(h, pool).flatten(1)
         first, _, last = gates.gates[index]
         assert_close(logit, last(torch.relu(first(pooled))).squeeze(1), rtol=0, atol=0)
 
 
-def test_a_gates_batch1_form_under_inference_mode_is_its_decision_and_follows_its_weights():
+@pytest.mark.parametrize("pool", [1, 2])
+def test_a_gates_batch1_form_under_inference_mode_is_its_decision_and_follows_its_weights(pool):
     from dynconvert.runtime.gates import FeedForwardGates
 
     torch.manual_seed(0)
     shapes = [(8, 6, 6), (16, 3, 3)]
-    gates = FeedForwardGates(shapes).eval()
+    gates = FeedForwardGates(shapes, pool=pool).eval()
     hs = [torch.randn(1, *shape) for shape in shapes]
     with torch.inference_mode():
         forms = gates.keep_logit_forms()

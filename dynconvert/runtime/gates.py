@@ -53,15 +53,11 @@ class FeedForwardGates(FoldsForInference):
         """Keep-logit of block ``index`` for each sample of ``h``; state is unused."""
         return self._keep_logits(index, h).squeeze(1), state
 
-    def keep_logit_of_one(self, index: int, h: torch.Tensor) -> float:
-        """:meth:`decide`'s keep-logit for a batch of one, as a Python number."""
-        return self._keep_logits(index, h).item()
-
     def keep_logit_forms(self) -> list[tuple] | None:
         """Per gate, ``(function, args)`` with ``function(h, *args)`` the keep-logits ``(batch, 1)``
         that :meth:`decide` computes: the gate's operations on its weights (the averaging's
         division folded into the first layer) as one straight-line function, without the module
-        lookups around them, which at batch 1 cost as much as the gate's two small products.
+        lookups around them, which at batch 1 weigh next to the gate's two small products.
         Cached under inference mode while the weights hold (see ``runtime/folding.py``); None
         elsewhere, where :meth:`decide` runs the layers themselves."""
         return self.cached_folding()

@@ -111,8 +111,8 @@ class ExitHead(FoldsForInference):
     def single_sample_form(self) -> tuple:
         """``(function, args)`` with ``function(x, *args) == self(x)`` for a batch of one: the same
         operations on the cached folded weights, as one straight-line function without the module
-        and method calls around them (at batch 1 those cost about a third of a head's time, more
-        when the head runs cold). The early-exit runtime asks once and calls it while the folding
+        and method calls around them (at batch 1 their Python weighs on a head's time, most when
+        the head runs cold). The early-exit runtime asks once and calls it while the folding
         holds. Where the folding is not cached (outside inference mode, a LayerNorm head) or hooks
         must see the call, ``function`` is the head itself."""
         if self.norm != "batch" or self.training or self._forward_hooks or self._forward_pre_hooks:
