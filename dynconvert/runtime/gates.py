@@ -83,8 +83,7 @@ class FeedForwardGates(FoldsForInference):
             return function(h, *args)
         first, _, last = self.gates[index]
         # the gate's layers called as functions: three module calls would cost more than its products
-        hidden = F.relu(F.linear(_pool(h, self.pool), first.weight, first.bias))
-        return F.linear(hidden, last.weight, last.bias)
+        return _pooled_gate(h, self.pool, first.weight, first.bias, last.weight, last.bias)
 
 
 def _summed_gate(h, weight1, bias1, weight2, bias2) -> torch.Tensor:
