@@ -1,6 +1,6 @@
 """Saved FLOPs against saved time: static and dynamic models measured side by side.
 
-    python bench/speed.py [MODEL_DIR ...] [--images 500] [--rounds 3] [--block 25]
+    python bench/speed.py [MODEL_DIR ...] [--images 512] [--rounds 3] [--block 25]
                           [--memory-format channels_last] [--device cuda] [--replot]
 
 Each MODEL_DIR is a conversion's output folder (default: every folder under bench/out that
@@ -10,7 +10,8 @@ timed interleaved: at batch 1 in turns of ``--block`` images (each model runs a 
 row, warm, as it would serving alone, while the turns keep both under the same machine load;
 ``batch1``) and also image by image (``batch1_alternating``: each model starts every image with
 the other's code and weights in the caches, which no deployment does and which costs the model
-with more distinct small operations more); batch by batch at batch 64.
+with more distinct small operations more); batch by batch at batch 64, over whole batches only
+and in three times as many rounds (a pass is a handful of calls, so a noisier figure per round).
 Reports the mean time per image (batch 1) and per batch of 64, the time ratio beside the FLOPs
 ratio of the same images, and their quotient (efficiency: 1.0 means every saved FLOP became saved
 time), beside the accuracy change: the conversion's (``report.json``, its whole evaluation split)
@@ -53,6 +54,8 @@ from dynconvert.runtime.early_exit import EarlyExitModel
 
 # images the whole-backbone pass is timed on each round: its ratio needs no more to settle
 FULL_DEPTH_IMAGES = 100
+# the batched passes (batch 64, stream) are timed this many times per round
+BATCHED_ROUNDS_PER_ROUND = 3
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
@@ -138,6 +141,9 @@ def measure(
     routed = [dyn.route(x[i : i + batch]) for i in range(0, len(x), batch)]
     records = torch.cat([dyn.decision_record(r) for r in routed])
     flops_ratio = float(dyn.flops_of(records).mean()) / dyn.static_flops()
+    # the batched rows time whole batches only: their FLOPs ratio is that of the images they ran
+    n_batched = len(x) // batch * batch
+    batched_flops_ratio = float(dyn.flops_of(records[:n_batched]).mean()) / dyn.static_flops()
     labels = data.labels[: len(x)].to(device)
     timed_accuracy = {
         "static": float(
@@ -173,14 +179,15 @@ def measure(
         if depth is not None:
             for key, ms in batch1_ms(static, lambda i: whole, x[:FULL_DEPTH_IMAGES], block).items():
                 depth[key].append(ms)
+    # a pass over the batches takes about a second: these rounds are cheap, and a batched pass is
+    # noisier than a batch-1 one (a few calls, not hundreds), so it gets more of them
+    for _ in range(rounds * BATCHED_ROUNDS_PER_ROUND):
         totals = {"static": 0.0, "dynamic": 0.0}
-        n_batches = 0
-        for i in range(0, len(x) - batch + 1, batch):
-            n_batches += 1
+        for i in range(0, n_batched, batch):
             for key, model in (("static", static), ("dynamic", dyn)):
                 totals[key] += timed(model, x[i : i + batch])
         for key in totals:
-            batched[key].append(totals[key] / n_batches * 1e3)
+            batched[key].append(totals[key] / (n_batched // batch) * 1e3)
         if hasattr(dyn, "route_stream"):  # throughput mode: every segment in full batches
             stream["static"].append(sum(timed(static, x[i : i + batch]) for i in range(0, len(x), batch)) * 1e3)
             stream["dynamic"].append(timed(lambda images: dyn.route_stream(images, batch), x) * 1e3)
@@ -193,6 +200,7 @@ def measure(
         "split": data.name,
         "images": len(x),
         "rounds": rounds,
+        "batched_rounds": rounds * BATCHED_ROUNDS_PER_ROUND,
         "batch1_block": block,
         "memory_format": memory_format,
         "device": torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu",
@@ -205,7 +213,7 @@ def measure(
     measured = [
         ("batch1", single, flops_ratio),
         ("batch1_alternating", alternating, flops_ratio),
-        (f"batch{batch}", batched, flops_ratio),
+        (f"batch{batch}", batched, batched_flops_ratio),
     ]
     if bound is not None:
         measured.append(("batch1_decisions_free", bound, flops_ratio))
@@ -226,6 +234,7 @@ def measure(
             "time_ratio_range": [min(per_round), max(per_round)],
             "time_ratio_over_flops_ratio": ratio / flops,
             "efficiency": flops / ratio,
+            "flops_ratio": flops,
         }
     if hasattr(dyn, "segment_flops") and len(dyn.segments) == len(dyn.segment_flops):
         # where the time goes at batch 1: FLOP rate of each backbone segment
@@ -292,7 +301,7 @@ def where_measured(data: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("folders", nargs="*", type=Path)
-    parser.add_argument("--images", type=int, default=500)
+    parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument(
