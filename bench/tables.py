@@ -55,9 +55,11 @@ def block_skip(data: dict) -> str:
 
 
 def spread(ratio: dict, flops_ratio: float, digits: int = 3) -> str:
-    """`` (low to high)`` of a quotient measured over several rounds, or nothing for one round."""
+    """`` (low to high)`` of a quotient measured over several rounds, or nothing for one round;
+    over the FLOPs ratio the measurement names for its own images, else ``flops_ratio``."""
     if "time_ratio_range" not in ratio:
         return ""
+    flops_ratio = ratio.get("flops_ratio", flops_ratio)
     low, high = (r / flops_ratio for r in ratio["time_ratio_range"])
     return f" ({low:.{digits}f} to {high:.{digits}f})"
 
@@ -96,7 +98,7 @@ def speed(data: dict) -> str:
             f"| {Path(r['model_dir']).name} | {r['flops_ratio']:.3f} | {accuracy_change(r)} | {steady} | "
             f"{alternating} | {quotient(r, 'batch1_decisions_free')} | "
             f"{full_depth} | {b64['time_ratio']:.3f} | {b64['time_ratio_over_flops_ratio']:.2f}"
-            f"{spread(b64, b64.get('flops_ratio', r['flops_ratio']), 2)} | "
+            f"{spread(b64, r['flops_ratio'], 2)} | "
             f"{quotient(r, 'stream64')} | {b1['static_ms']:.2f} / {b64['static_ms']:.1f} |"
         )
     return "\n".join(rows)

@@ -86,8 +86,9 @@ def test_two_processes_match_one(strategy, tiny_data, tiny_weights, tmp_path):
 def without_settled(plan: dict) -> dict:
     """The plan without the blocks settled after calibration: those come from training, the
     rest from the graph and the recipe alone."""
-    replay = {k: v for k, v in plan.get("replay", {}).items() if k != "settled"}
-    return {**plan, "replay": replay} if "replay" in plan else plan
+    if "replay" not in plan:
+        return plan
+    return {**plan, "replay": {k: v for k, v in plan["replay"].items() if k != "settled"}}
 
 
 def test_a_single_process_is_left_alone(monkeypatch):
