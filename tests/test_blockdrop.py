@@ -207,6 +207,22 @@ def test_the_eval_policy_with_batchnorm_folded_equals_the_unfolded_one():
         assert_close(rebuilt.logits(x), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_the_folded_policy_gives_the_same_logits_in_either_layout_and_batch_size():
+    _, dyn, _ = prepared("cifar_resnet56")
+    policy = dyn.dyn.controller.eval()
+    randomize_policy(dyn)
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        small = torch.nn.functional.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+        expected = policy.head(policy.stages(policy.stem(small)).mean((2, 3)))
+    with torch.inference_mode():
+        batched = policy.logits(x)
+        alone = torch.cat([policy.logits(x[i : i + 1]) for i in range(len(x))])
+        channels_last = policy.logits(x.contiguous(memory_format=torch.channels_last))
+    for logits in (batched, alone, channels_last):
+        assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_corrections_are_fitted_to_the_greedy_policy_at_the_flops_target(monkeypatch):
     overrides = ["options.correction_epochs=1", "train.batch_size=8", "data.batch_size=8"]
     model, dyn, config = prepared(overrides=overrides)

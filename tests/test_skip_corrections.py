@@ -11,7 +11,7 @@ from torch.testing import assert_close
 import dynconvert
 from dynconvert.convert.costs import count_flops
 from dynconvert.recipe import build_recipe, strategy_config
-from dynconvert.runtime.corrections import SkipCorrection
+from dynconvert.runtime.corrections import SkipCorrection, pointwise_conv
 from dynconvert.strategies import get_strategy
 
 
@@ -136,3 +136,15 @@ def test_the_eval_correction_folds_the_skip_into_one_product(shape):
         expected = x + correction.map(x)
     with torch.inference_mode():
         assert_close(correction(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 6])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_pointwise_conv_is_the_1x1_convolution_in_the_input_layout(batch, layout):
+    torch.manual_seed(0)
+    x = torch.randn(batch, 16, 8, 8).contiguous(memory_format=layout)
+    weight, bias = torch.randn(16, 16, 1, 1), torch.randn(16)
+    with torch.inference_mode():
+        out = pointwise_conv(x, weight, bias)
+    assert_close(out, torch.nn.functional.conv2d(x, weight, bias), rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=layout)

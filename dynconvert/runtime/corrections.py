@@ -55,7 +55,7 @@ class SkipCorrection(FoldsForInference):
         if folded is None:
             return shortcut + self.map(shortcut)
         weight, bias = folded
-        return F.conv2d(shortcut, weight, bias) if self.conv else F.linear(shortcut, weight, bias)
+        return pointwise_conv(shortcut, weight, bias) if self.conv else F.linear(shortcut, weight, bias)
 
     def _fold_sources(self) -> list[torch.Tensor]:
         return list(self.map.parameters())
@@ -66,6 +66,21 @@ class SkipCorrection(FoldsForInference):
         weight = self.map.weight
         identity = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
         return weight + identity.view(weight.shape), self.map.bias
+
+
+def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias)`` for a 1x1 convolution ``weight`` of shape ``(out, in, 1, 1)``;
+    a batch laid out plainly (NCHW) goes through one matrix product over the pixels instead.
+
+    On CPU, PyTorch's 1x1 convolution of a few channels on a plain batch is slow: with 16
+    channels at 32x32 and batch 64 it takes ten times as long as the product. At batch 1 and
+    channels-last it is as fast as the product, and stays.
+    """
+    if x.shape[0] > 1 and x.is_contiguous():
+        matrix = weight.view(weight.shape[0], weight.shape[1])
+        out = torch.matmul(matrix, x.flatten(2)).add_(bias.view(-1, 1))
+        return out.view(x.shape[0], -1, *x.shape[2:])
+    return F.conv2d(x, weight, bias)
 
 
 def correction_rank(feature_shape: tuple[int, ...], channels_last: bool, branch_flops: float) -> int | None:

@@ -102,7 +102,10 @@ class FlatRunners:
         """What runs each of ``modules`` (an ``nn.ModuleList`` or a list), in order."""
         if torch.compiler.is_compiling():
             return list(modules)
-        if len(self._modules) != len(modules) or any(a is not b for a, b in zip(self._modules, modules)):
-            self._modules = list(modules)
-            self._runners = runners_for(self._modules)
-        return [m if m._forward_hooks or m._forward_pre_hooks else r for m, r in zip(self._modules, self._runners)]
+        members = list(modules)
+        if members != self._modules:  # modules compare by identity
+            self._modules = members
+            self._runners = runners_for(members)
+        if any(m._forward_hooks or m._forward_pre_hooks for m in members):
+            return [m if m._forward_hooks or m._forward_pre_hooks else r for m, r in zip(members, self._runners)]
+        return self._runners

@@ -109,18 +109,18 @@ class PolicyNetwork(FoldsForInference):
         return self.head(h.mean((2, 3)))
 
     def _folded_features(self, x: torch.Tensor) -> torch.Tensor:
-        convs = iter(self.folded())
-        stem_conv = self.stem[0]
-        h = F.relu(F.conv2d(x, *next(convs), stem_conv.stride, stem_conv.padding))
+        stem, blocks = self.folded()
+        h = F.conv2d(x, *stem).relu_()
         if len(self.stem) > 3:
             h = self.stem[3](h)  # the ImageNet stem's max pooling
-        for block in self.stages:
-            out = F.relu(F.conv2d(h, *next(convs), block.conv1.stride, 1))
-            out = F.conv2d(out, *next(convs), 1, 1)
-            if isinstance(block.shortcut, nn.Identity):
-                h = F.relu(out + h)
-            else:
-                h = F.relu(out + F.conv2d(h, *next(convs), block.shortcut[0].stride))
+        # channels-last from here on: on these small maps it is as fast as the plain layout at
+        # batch 1 and far faster in batches (about a quarter of the time for 16 channels at
+        # 16x16, batch 64)
+        h = h.contiguous(memory_format=torch.channels_last)
+        for conv1, conv2, shortcut in blocks:
+            out = F.conv2d(F.conv2d(h, *conv1).relu_(), *conv2)
+            out += h if shortcut is None else F.conv2d(h, *shortcut)
+            h = out.relu_()
         return h
 
     def _fold_pairs(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
@@ -135,10 +135,25 @@ class PolicyNetwork(FoldsForInference):
         pairs = self._fold_pairs()
         return [t for conv, bn in pairs for t in (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)]
 
-    def _fold(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(weight, bias) of every convolution with its BatchNorm folded in, in the order
-        :meth:`_folded_features` uses them."""
-        return [_fold_batchnorm(conv, bn) for conv, bn in self._fold_pairs()]
+    def _fold(self) -> tuple[tuple, list[tuple]]:
+        """What :meth:`_folded_features` runs: the stem's convolution and, per block, its two
+        convolutions and its shortcut's (None for a plain one), each as ``F.conv2d`` arguments
+        ``(weight, bias, stride, padding)`` with its BatchNorm folded in; the blocks' weights are
+        laid out channels-last, as their inputs are."""
+
+        def conv_args(conv: nn.Conv2d, bn: nn.BatchNorm2d, layout: torch.memory_format) -> tuple:
+            weight, bias = _fold_batchnorm(conv, bn)
+            return weight.contiguous(memory_format=layout), bias, conv.stride, conv.padding
+
+        stem = conv_args(self.stem[0], self.stem[1], torch.contiguous_format)
+        blocks = []
+        for block in self.stages:
+            shortcut = None
+            if not isinstance(block.shortcut, nn.Identity):
+                shortcut = conv_args(block.shortcut[0], block.shortcut[1], torch.channels_last)
+            conv1 = conv_args(block.conv1, block.bn1, torch.channels_last)
+            blocks.append((conv1, conv_args(block.conv2, block.bn2, torch.channels_last), shortcut))
+        return stem, blocks
 
     independent_decisions = True  # every keep-logit comes from the image, at the start
     decides_at_start = True  # ``start`` returns every keep-logit; ``decide`` reads no feature
