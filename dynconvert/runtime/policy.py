@@ -123,37 +123,34 @@ class PolicyNetwork(FoldsForInference):
             h = out.relu_()
         return h
 
-    def _fold_pairs(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
-        pairs = [(self.stem[0], self.stem[1])]
+    def _conv_bn_pairs(self) -> tuple[tuple, list[tuple]]:
+        """The stem's (convolution, BatchNorm) pair and, per block, those of its two convolutions
+        and of its shortcut (None for a plain one): what the eval forward folds."""
+        blocks = []
         for block in self.stages:
-            pairs += [(block.conv1, block.bn1), (block.conv2, block.bn2)]
-            if not isinstance(block.shortcut, nn.Identity):
-                pairs.append((block.shortcut[0], block.shortcut[1]))
-        return pairs
+            shortcut = None if isinstance(block.shortcut, nn.Identity) else (block.shortcut[0], block.shortcut[1])
+            blocks.append(((block.conv1, block.bn1), (block.conv2, block.bn2), shortcut))
+        return (self.stem[0], self.stem[1]), blocks
 
     def _fold_sources(self) -> list[torch.Tensor]:
-        pairs = self._fold_pairs()
+        stem, blocks = self._conv_bn_pairs()
+        pairs = [stem] + [pair for block in blocks for pair in block if pair is not None]
         return [t for conv, bn in pairs for t in (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)]
 
     def _fold(self) -> tuple[tuple, list[tuple]]:
-        """What :meth:`_folded_features` runs: the stem's convolution and, per block, its two
-        convolutions and its shortcut's (None for a plain one), each as ``F.conv2d`` arguments
-        ``(weight, bias, stride, padding)`` with its BatchNorm folded in; the blocks' weights are
-        laid out channels-last, as their inputs are."""
+        """What :meth:`_folded_features` runs: :meth:`_conv_bn_pairs` with each pair as
+        ``F.conv2d`` arguments ``(weight, bias, stride, padding)``, its BatchNorm folded in; the
+        blocks' weights are laid out channels-last, as their inputs are."""
 
-        def conv_args(conv: nn.Conv2d, bn: nn.BatchNorm2d, layout: torch.memory_format) -> tuple:
+        def conv_args(pair, layout: torch.memory_format = torch.channels_last) -> tuple | None:
+            if pair is None:
+                return None
+            conv, bn = pair
             weight, bias = _fold_batchnorm(conv, bn)
             return weight.contiguous(memory_format=layout), bias, conv.stride, conv.padding
 
-        stem = conv_args(self.stem[0], self.stem[1], torch.contiguous_format)
-        blocks = []
-        for block in self.stages:
-            shortcut = None
-            if not isinstance(block.shortcut, nn.Identity):
-                shortcut = conv_args(block.shortcut[0], block.shortcut[1], torch.channels_last)
-            conv1 = conv_args(block.conv1, block.bn1, torch.channels_last)
-            blocks.append((conv1, conv_args(block.conv2, block.bn2, torch.channels_last), shortcut))
-        return stem, blocks
+        stem, blocks = self._conv_bn_pairs()
+        return conv_args(stem, torch.contiguous_format), [tuple(map(conv_args, block)) for block in blocks]
 
     independent_decisions = True  # every keep-logit comes from the image, at the start
     decides_at_start = True  # ``start`` returns every keep-logit; ``decide`` reads no feature
