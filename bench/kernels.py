@@ -8,9 +8,11 @@
 2. The BlockDrop policy's blocks (``runtime/policy.py``): its 3x3 convolutions (with the folded
    bias) at their input shapes, plain against channels-last, batch 1 and 64.
 3. The policy's input (``runtime/policy.py: downsample``): halving a 3x32x32 image by bilinear
-   interpolation against the 2x2 average pooling it equals, batch 1 and 64.
+   interpolation against the 2x2 average pooling it equals, batch 1 and 64 (the policy pools
+   one image and interpolates batches).
 4. The policy's head: average pooling of its last map (64x4x4, channels-last) and the Linear
-   layer, against one product with the pooling folded into the weights, batch 1 and 64.
+   layer, against one product with the pooling folded into the weights, batch 1 and 64 (the
+   policy folds for one image and pools batches).
 
 Random inputs and weights (the time does not depend on the values). Each operator is warmed
 up, then timed ``--repeats`` times in a row (batch 64: a tenth as many); the median of 5 such
@@ -28,7 +30,6 @@ import torch.nn.functional as F
 from common import machine, write_result
 
 from dynconvert.runtime.corrections import pointwise_conv
-from dynconvert.runtime.policy import downsample
 
 # (channels, side) of the skipped blocks' inputs in cifar_resnet56's three stages
 CORRECTION_SHAPES = [(16, 32), (32, 16), (64, 8)]
@@ -103,7 +104,7 @@ def policy_input_and_head(repeats: int, blocks: int = 27, channels: int = 64, si
                 "interpolate_us": microseconds(
                     lambda x: F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False), (image,), n
                 ),
-                "downsample_us": microseconds(downsample, (image, 16), n),
+                "average_pooling_us": microseconds(F.avg_pool2d, (image, 2), n),
                 "pool_then_linear_us": microseconds(lambda h: F.linear(h.mean((2, 3)), weight, bias), (last,), n),
                 "folded_head_us": microseconds(
                     lambda h: F.linear(h.permute(0, 2, 3, 1).flatten(1), folded, bias), (last,), n
@@ -139,8 +140,8 @@ def main() -> None:
         )
     for row in data["policy_input_and_head"]:
         print(
-            f"policy batch {row['batch']:>2}: input interpolate {row['interpolate_us']:7.1f} us, downsample "
-            f"{row['downsample_us']:7.1f} us; head pool+linear {row['pool_then_linear_us']:7.1f} us, folded "
+            f"policy batch {row['batch']:>2}: input interpolate {row['interpolate_us']:7.1f} us, average pooling "
+            f"{row['average_pooling_us']:7.1f} us; head pool+linear {row['pool_then_linear_us']:7.1f} us, folded "
             f"{row['folded_head_us']:7.1f} us"
         )
     print(f"wrote {path}")

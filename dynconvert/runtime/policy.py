@@ -41,11 +41,12 @@ def _stem(in_channels: int, width: int, stride: int) -> nn.Sequential:
 
 
 def downsample(x: torch.Tensor, size: int) -> torch.Tensor:
-    """``x`` resized to ``size`` x ``size`` px, bilinear. Halving is bilinear's 2x2 average,
-    computed as one average pooling: at batch 1 it takes half the time of the interpolation."""
+    """``x`` resized to ``size`` x ``size`` px, bilinear. Halving one image is computed as the
+    2x2 average pooling it equals, which takes less time than the interpolation at batch 1 (and
+    more in batches, where the interpolation stays: bench/kernels.py)."""
     if x.shape[-2:] == (size, size):
         return x
-    if x.shape[-2:] == (2 * size, 2 * size):
+    if x.shape[0] == 1 and x.shape[-2:] == (2 * size, 2 * size):
         return F.avg_pool2d(x, 2)
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
@@ -131,7 +132,9 @@ class PolicyNetwork(FoldsForInference):
             out = F.conv2d(F.conv2d(h, *conv1).relu_(), *conv2)
             out += h if shortcut is None else F.conv2d(h, *shortcut)
             h = out.relu_()
-        # the average pooling is folded into the head: one product over the whole (channels-last) map
+        if h.shape[0] > 1:  # in batches pooling then the Linear layer takes less time (bench/kernels.py)
+            return self.head(h.mean((2, 3)))
+        # one image: the average pooling folded into the head, one product over the channels-last map
         return F.linear(h.permute(0, 2, 3, 1).flatten(1), *head)
 
     def _conv_bn_pairs(self) -> tuple[tuple, list[tuple]]:
@@ -152,11 +155,11 @@ class PolicyNetwork(FoldsForInference):
     def _fold(self) -> tuple[tuple, list[tuple], tuple]:
         """What :meth:`_folded_logits` runs: :meth:`_conv_bn_pairs` with each pair as
         ``F.conv2d`` arguments ``(weight, bias, stride, padding)``, its BatchNorm folded in (the
-        blocks' weights laid out channels-last, as their inputs are), and the head's
-        ``F.linear`` arguments on the last map flattened in (height, width, channel) order, the
-        average pooling folded in. That product multiplies once per position (here 27 x 1,024
-        multiply-adds rather than 27 x 64, under 1% of the policy's FLOPs); the FLOPs count is
-        taken on this form, so it includes them."""
+        blocks' weights laid out channels-last, as their inputs are), and, for one image, the
+        head's ``F.linear`` arguments on the last map flattened in (height, width, channel) order,
+        the average pooling folded in. That product multiplies once per position: on CIFAR,
+        27 x 1,024 multiply-adds rather than 27 x 64, 0.02% of ResNet-56's FLOPs, which the FLOPs
+        count (taken in a batch, on the pooled form) leaves out."""
 
         def conv_args(pair, layout: torch.memory_format = torch.channels_last) -> tuple | None:
             if pair is None:
