@@ -24,7 +24,10 @@ network (``batch1_decisions_free``): the time ratio the model would reach if its
 free, so the gap to the FLOPs ratio splits into what the decisions cost and what the backbone's
 uneven FLOP rate costs. The whole backbone run the same way (``batch1_full_depth``, the first
 100 images) is timed against the static network as well: how the dynamic model's way of running
-the same layers compares by itself, apart from anything skipped. Writes
+the same layers compares by itself, apart from anything skipped. For early-exit models the FLOP
+rate of each backbone segment is recorded at batch 1 and on a whole batch (``segments_batch1``,
+``segments_batch64``): exits save the late segments, so their rate against the early ones is what
+the quotient pays. Writes
 bench/results/speed.json and bench/results/speed.png (bars per model, the time ratio each target
 allows marked over its bar; ``--replot`` redraws the PNG from the JSON without measuring).
 
@@ -244,7 +247,32 @@ def measure(
             "segment_gflops_per_s": [f / s / 1e9 for f, s in zip(dyn.segment_flops, segment_s.tolist())],
             "head_and_decision_ms": (head_s * 1e3).tolist(),
         }
+        # and in a batch: the same FLOP rates with every sample in every segment
+        segment_ms = batch_segment_ms(dyn, x[:batch], rounds * BATCHED_ROUNDS_PER_ROUND)
+        result[f"segments_batch{batch}"] = {
+            "segment_ms": segment_ms,
+            "segment_gflops_per_s": [f * batch / ms / 1e6 for f, ms in zip(dyn.segment_flops, segment_ms)],
+        }
     return result
+
+
+def batch_segment_ms(dyn, x: torch.Tensor, repeats: int) -> list[float]:
+    """Median ms of each backbone segment of an early-exit model on the whole batch ``x``, the
+    segments run in a chain ``repeats`` times (where early exit saves FLOPs and where it does not
+    run at different rates)."""
+    times = [[] for _ in dyn.segments]
+    outputs = []
+
+    def run(segment):
+        return lambda inputs: outputs.append(segment(inputs))
+
+    chain = [run(segment) for segment in dyn.runners()]
+    for _ in range(repeats):
+        outputs.append(x)
+        for k, step in enumerate(chain):
+            times[k].append(timed(step, outputs.pop()) * 1e3)
+        outputs.clear()
+    return [statistics.median(t) for t in times]
 
 
 # the issue's targets: time ratio at most this many times the FLOPs ratio
