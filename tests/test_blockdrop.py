@@ -224,6 +224,17 @@ def test_the_folded_policy_gives_the_same_logits_in_either_layout_and_batch_size
         assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_eval_forward_runs_in_inference_mode_and_training_keeps_autograd():
+    _, dyn, _ = prepared()
+    x = torch.randn(1, 3, 32, 32)
+    out = dyn.eval()(x)
+    assert out.is_inference() and not out.requires_grad
+    with torch.inference_mode():  # already on: the same result, no context entered again
+        assert torch.equal(dyn(x), out)
+    dyn.train()
+    assert not dyn(torch.randn(2, 3, 32, 32)).is_inference(), "training mode keeps autograd"
+
+
 @pytest.mark.parametrize(("side", "size"), [(32, 16), (32, 8), (30, 16), (16, 16)])
 def test_the_policy_input_is_the_bilinear_downsampling(side, size):
     x = torch.randn(2, 3, side, side)

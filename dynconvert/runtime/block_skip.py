@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynconvert.runtime.flat_graph import FlatRunners
+from dynconvert.runtime.modules import route_for_forward
 from dynconvert.runtime.rows import memory_format_of, rows_where, select_rows
 
 
@@ -160,8 +161,7 @@ class BlockSkipModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits with blocks skipped (``last_kept`` keeps the decisions); in eval mode, under inference mode."""
-        with torch.inference_mode(not self.training):
-            decisions = self.route(x)
+        decisions = route_for_forward(self, x)
         self.last_kept = decisions.kept
         return decisions.logits
 

@@ -10,6 +10,7 @@ from torch import nn
 from dynconvert.runtime.confidence import confidence, row_confidence
 from dynconvert.runtime.flat_graph import FlatRunners
 from dynconvert.runtime.folding import foldings_held, foldings_unchanged
+from dynconvert.runtime.modules import route_for_forward
 from dynconvert.runtime.rows import rows_where, select_rows
 
 
@@ -83,11 +84,7 @@ class EarlyExitModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits with exits taken (``last_exits`` keeps the exits); in eval mode, under inference mode."""
-        if not self.training and torch.is_inference_mode_enabled():  # already there: no context to enter
-            routed = self.route(x)
-        else:
-            with torch.inference_mode(not self.training):
-                routed = self.route(x)
+        routed = route_for_forward(self, x)
         self.last_exits = routed.exits
         return routed.logits
 
