@@ -1,4 +1,4 @@
-"""The operator timings behind four runtime choices, on this machine.
+"""The operator timings behind two runtime choices, on this machine.
 
     python bench/kernels.py [--repeats 200]
 
@@ -7,12 +7,6 @@
    batch 1 and 64, plain (NCHW) and channels-last inputs.
 2. The BlockDrop policy's blocks (``runtime/policy.py``): its 3x3 convolutions (with the folded
    bias) at their input shapes, plain against channels-last, batch 1 and 64.
-3. The policy's input (``runtime/policy.py: downsample``): halving a 3x32x32 image by bilinear
-   interpolation against the 2x2 average pooling it equals, batch 1 and 64 (the policy pools
-   one image and interpolates batches).
-4. The policy's head: average pooling of its last map (64x4x4, channels-last) and the Linear
-   layer, against one product with the pooling folded into the weights, batch 1 and 64 (the
-   policy folds for one image and pools batches).
 
 Random inputs and weights (the time does not depend on the values). Each operator is warmed
 up, then timed ``--repeats`` times in a row (batch 64: a tenth as many); the median of 5 such
@@ -89,31 +83,6 @@ def policy_convs(repeats: int) -> list[dict]:
     return rows
 
 
-def policy_input_and_head(repeats: int, blocks: int = 27, channels: int = 64, side: int = 4) -> list[dict]:
-    rows = []
-    weight, bias = torch.randn(blocks, channels), torch.randn(blocks)
-    positions = side * side
-    folded = (weight / positions).repeat(1, positions)
-    for batch in (1, 64):
-        n = repeats if batch == 1 else max(repeats // 10, 5)
-        image = torch.randn(batch, 3, 32, 32)
-        last = torch.randn(batch, channels, side, side).contiguous(memory_format=torch.channels_last)
-        rows.append(
-            {
-                "batch": batch,
-                "interpolate_us": microseconds(
-                    lambda x: F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False), (image,), n
-                ),
-                "average_pooling_us": microseconds(F.avg_pool2d, (image, 2), n),
-                "pool_then_linear_us": microseconds(lambda h: F.linear(h.mean((2, 3)), weight, bias), (last,), n),
-                "folded_head_us": microseconds(
-                    lambda h: F.linear(h.permute(0, 2, 3, 1).flatten(1), folded, bias), (last,), n
-                ),
-            }
-        )
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=200)
@@ -124,7 +93,6 @@ def main() -> None:
             "repeats": args.repeats,
             "corrections": corrections(args.repeats),
             "policy_convs": policy_convs(args.repeats),
-            "policy_input_and_head": policy_input_and_head(args.repeats),
         }
     path = write_result("kernels", data)
     for row in data["corrections"]:
@@ -137,12 +105,6 @@ def main() -> None:
             f"policy conv batch {row['batch']:>2} {row['in_channels']}->{row['out_channels']} at {row['side']}x"
             f"{row['side']} stride {row['stride']}: plain {row['plain_us']:8.1f} us, "
             f"channels-last {row['channels_last_us']:8.1f} us"
-        )
-    for row in data["policy_input_and_head"]:
-        print(
-            f"policy batch {row['batch']:>2}: input interpolate {row['interpolate_us']:7.1f} us, average pooling "
-            f"{row['average_pooling_us']:7.1f} us; head pool+linear {row['pool_then_linear_us']:7.1f} us, folded "
-            f"{row['folded_head_us']:7.1f} us"
         )
     print(f"wrote {path}")
 

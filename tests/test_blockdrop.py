@@ -14,7 +14,6 @@ import dynconvert
 from dynconvert.convert.data import ConversionData, ImageSplit, Preprocess
 from dynconvert.errors import DynconvertError
 from dynconvert.recipe import build_recipe, default_recipe_name, strategy_config
-from dynconvert.runtime.policy import PolicyNetwork, downsample
 from dynconvert.strategies import get_strategy
 from dynconvert.strategies.blockdrop_training import (
     blockdrop_reward,
@@ -233,42 +232,6 @@ def test_eval_forward_runs_in_inference_mode_and_training_keeps_autograd():
         assert torch.equal(dyn(x), out)
     dyn.train()
     assert not dyn(torch.randn(2, 3, 32, 32)).is_inference(), "training mode keeps autograd"
-
-
-@pytest.mark.parametrize(("side", "size"), [(32, 16), (32, 8), (30, 16), (16, 16)])
-def test_the_policy_input_is_the_bilinear_downsampling(side, size):
-    x = torch.randn(2, 3, side, side)
-    expected = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    assert_close(downsample(x, size), expected, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize(
-    "shape",
-    [
-        dict(input_size=16, widths=(16, 32, 64), stem_stride=1, image=32),
-        dict(input_size=15, widths=(8, 16), stem_stride=2, image=32),  # odd sides round up
-        dict(input_size=56, widths=(8, 16, 32), stem_stride=4, image=112),  # ImageNet stem, max pooling
-    ],
-)
-def test_the_folded_head_pools_as_the_head_does_for_every_policy_shape(shape):
-    torch.manual_seed(0)
-    image = shape.pop("image")
-    policy = PolicyNetwork(5, **shape)
-    for p in policy.parameters():
-        torch.nn.init.normal_(p, std=0.5)
-    for bn in [m for m in policy.modules() if isinstance(m, torch.nn.BatchNorm2d)]:
-        bn.running_var.uniform_(0.5, 2.0)
-    policy.eval()
-    x = torch.randn(3, 3, image, image)
-    with torch.no_grad():
-        small = torch.nn.functional.interpolate(x, size=(policy.input_size,) * 2, mode="bilinear", align_corners=False)
-        expected = policy.head(policy.stages(policy.stem(small)).mean((2, 3)))
-    with torch.inference_mode():
-        assert_close(policy.logits(x), expected, rtol=1e-4, atol=1e-4)
-    with torch.no_grad():  # the head is watched too: a change to it reaches the cached folding
-        policy.head.bias.add_(1.0)
-    with torch.inference_mode():
-        assert_close(policy.logits(x), expected + 1.0, rtol=1e-4, atol=1e-4)
 
 
 def test_corrections_are_fitted_to_the_greedy_policy_at_the_flops_target(monkeypatch):

@@ -186,13 +186,8 @@ class BlockSkipModel(nn.Module):
         tensor comparison per block; with every block settled the controller does not run."""
         keeps = [fixed > 0 for fixed in self.settled]
         if not all(self.settled):
-            logits = self.dyn.controller.start(x)[0].tolist()
-            # added in Python (float64), each sum has the sign of the float32 sum the batched path
-            # compares: the same decisions, without one more tensor operation
-            keeps = [
-                k if fixed else v + b >= 0
-                for k, fixed, v, b in zip(keeps, self.settled, logits, self.dyn.bias.tolist())
-            ]
+            logits = self.dyn.controller.start(x) + self.dyn.bias
+            keeps = [k if fixed else bool(v >= 0) for k, fixed, v in zip(keeps, self.settled, logits[0].tolist())]
         return Decisions(self.run_fixed(x, keeps), torch.tensor([keeps], dtype=torch.bool, device=x.device))
 
     def _route_one_stepwise(self, x: torch.Tensor) -> Decisions:

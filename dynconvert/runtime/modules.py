@@ -1,4 +1,5 @@
-"""Base class of every module dynconvert inserts; tracing treats them as leaves."""
+"""What the runtime shares: the base class of every module dynconvert inserts (tracing treats
+them as leaves), and how a runtime model's ``forward`` runs its ``route``."""
 
 import torch
 from torch import nn
@@ -10,8 +11,7 @@ class DynModule(nn.Module):
 
 def route_for_forward(model: nn.Module, x: torch.Tensor):
     """``model.route(x)`` as a runtime model's ``forward`` runs it: in eval mode under inference
-    mode (entered only where it is not on already: at batch 1 the context costs a few
-    microseconds), in training mode in the caller's grad mode."""
+    mode (entered only where it is not on already), in training mode in the caller's grad mode."""
     if not model.training and torch.is_inference_mode_enabled():
         return model.route(x)
     with torch.inference_mode(not model.training):

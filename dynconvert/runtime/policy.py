@@ -40,21 +40,6 @@ def _stem(in_channels: int, width: int, stride: int) -> nn.Sequential:
     return nn.Sequential(conv, nn.BatchNorm2d(width), nn.ReLU())
 
 
-def downsample(x: torch.Tensor, size: int) -> torch.Tensor:
-    """``x`` resized to ``size`` x ``size`` px, bilinear. Halving one image is computed as the
-    2x2 average pooling it equals, which takes less time than the interpolation at batch 1 (and
-    more in batches, where the interpolation stays: bench/kernels.py)."""
-    if x.shape[-2:] == (size, size):
-        return x
-    if x.shape[0] == 1 and x.shape[-2:] == (2 * size, 2 * size):
-        return F.avg_pool2d(x, 2)
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-
-
-def _pair(value) -> tuple[int, int]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-
-
 def _fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """A bias-free convolution followed by BatchNorm in eval mode, as one convolution."""
     scale, shift = batchnorm_scale_shift(bn)
@@ -115,13 +100,16 @@ class PolicyNetwork(FoldsForInference):
         In eval mode every BatchNorm is folded into the convolution before it: half the
         operations, which is what the policy's time at batch 1 is made of.
         """
-        x = downsample(x, self.input_size)
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         if self.training or not isinstance(self.stem[1], nn.BatchNorm2d):  # (export swaps its own norm in)
-            return self.head(self.stages(self.stem(x)).mean((2, 3)))
-        return self._folded_logits(x)
+            h = self.stages(self.stem(x))
+        else:
+            h = self._folded_features(x)
+        return self.head(h.mean((2, 3)))
 
-    def _folded_logits(self, x: torch.Tensor) -> torch.Tensor:
-        stem, blocks, head = self.folded()
+    def _folded_features(self, x: torch.Tensor) -> torch.Tensor:
+        stem, blocks = self.folded()
         h = F.conv2d(x, *stem).relu_()
         if len(self.stem) > 3:
             h = self.stem[3](h)  # the ImageNet stem's max pooling
@@ -132,10 +120,7 @@ class PolicyNetwork(FoldsForInference):
             out = F.conv2d(F.conv2d(h, *conv1).relu_(), *conv2)
             out += h if shortcut is None else F.conv2d(h, *shortcut)
             h = out.relu_()
-        if h.shape[0] > 1:  # in batches pooling then the Linear layer takes less time (bench/kernels.py)
-            return self.head(h.mean((2, 3)))
-        # one image: the average pooling folded into the head, one product over the channels-last map
-        return F.linear(h.permute(0, 2, 3, 1).flatten(1), *head)
+        return h
 
     def _conv_bn_pairs(self) -> tuple[tuple, list[tuple]]:
         """The stem's (convolution, BatchNorm) pair and, per block, those of its two convolutions
@@ -149,17 +134,12 @@ class PolicyNetwork(FoldsForInference):
     def _fold_sources(self) -> list[torch.Tensor]:
         stem, blocks = self._conv_bn_pairs()
         pairs = [stem] + [pair for block in blocks for pair in block if pair is not None]
-        convs = [t for conv, bn in pairs for t in (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)]
-        return convs + [self.head.weight, self.head.bias]
+        return [t for conv, bn in pairs for t in (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)]
 
-    def _fold(self) -> tuple[tuple, list[tuple], tuple]:
-        """What :meth:`_folded_logits` runs: :meth:`_conv_bn_pairs` with each pair as
-        ``F.conv2d`` arguments ``(weight, bias, stride, padding)``, its BatchNorm folded in (the
-        blocks' weights laid out channels-last, as their inputs are), and, for one image, the
-        head's ``F.linear`` arguments on the last map flattened in (height, width, channel) order,
-        the average pooling folded in. That product multiplies once per position: on CIFAR,
-        27 x 1,024 multiply-adds rather than 27 x 64, 0.02% of ResNet-56's FLOPs, which the FLOPs
-        count (taken in a batch, on the pooled form) leaves out."""
+    def _fold(self) -> tuple[tuple, list[tuple]]:
+        """What :meth:`_folded_features` runs: :meth:`_conv_bn_pairs` with each pair as
+        ``F.conv2d`` arguments ``(weight, bias, stride, padding)``, its BatchNorm folded in; the
+        blocks' weights are laid out channels-last, as their inputs are."""
 
         def conv_args(pair, layout: torch.memory_format = torch.channels_last) -> tuple | None:
             if pair is None:
@@ -169,21 +149,7 @@ class PolicyNetwork(FoldsForInference):
             return weight.contiguous(memory_format=layout), bias, conv.stride, conv.padding
 
         stem, blocks = self._conv_bn_pairs()
-        positions = self._last_side() ** 2
-        head_weight = (self.head.weight / positions).repeat(1, positions)
-        return (
-            conv_args(stem, torch.contiguous_format),
-            [tuple(map(conv_args, block)) for block in blocks],
-            (head_weight, self.head.bias),
-        )
-
-    def _last_side(self) -> int:
-        """Side, in pixels, of the last block's output map for an ``input_size`` input."""
-        side = self.input_size
-        for layer in [*self.stem[:1], *self.stem[3:], *(block.conv1 for block in self.stages)]:
-            kernel, stride, padding = (_pair(getattr(layer, a))[0] for a in ("kernel_size", "stride", "padding"))
-            side = (side + 2 * padding - kernel) // stride + 1
-        return side
+        return conv_args(stem, torch.contiguous_format), [tuple(map(conv_args, block)) for block in blocks]
 
     independent_decisions = True  # every keep-logit comes from the image, at the start
     decides_at_start = True  # ``start`` returns every keep-logit; ``decide`` reads no feature
