@@ -64,16 +64,21 @@ FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channel
 
 def timed(fn, x) -> float:
     """Seconds one call ``fn(x)`` takes: CUDA events on a GPU, the wall clock on a CPU."""
+    return timed_call(fn, x)[0]
+
+
+def timed_call(fn, x) -> tuple[float, object]:
+    """``(seconds, fn(x))``: the time of one call, as :func:`timed` measures it, and its result."""
     if x.is_cuda:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn(x)
+        out = fn(x)
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1e3
+        return start.elapsed_time(end) / 1e3, out
     start = time.perf_counter()
-    fn(x)
-    return time.perf_counter() - start
+    out = fn(x)
+    return time.perf_counter() - start, out
 
 
 def batch1_ms(static, dynamic_for, x: torch.Tensor, block: int = 1) -> dict[str, float]:
@@ -260,18 +265,13 @@ def batch_segment_ms(dyn, x: torch.Tensor, repeats: int) -> list[float]:
     """Median ms of each backbone segment of an early-exit model on the whole batch ``x``, the
     segments run in a chain ``repeats`` times (where early exit saves FLOPs and where it does not
     run at different rates)."""
-    times = [[] for _ in dyn.segments]
-    outputs = []
-
-    def run(segment):
-        return lambda inputs: outputs.append(segment(inputs))
-
-    chain = [run(segment) for segment in dyn.runners()]
+    runners = dyn.runners()
+    times = [[] for _ in runners]
     for _ in range(repeats):
-        outputs.append(x)
-        for k, step in enumerate(chain):
-            times[k].append(timed(step, outputs.pop()) * 1e3)
-        outputs.clear()
+        h = x
+        for k, segment in enumerate(runners):
+            seconds, h = timed_call(segment, h)
+            times[k].append(seconds * 1e3)
     return [statistics.median(t) for t in times]
 
 
