@@ -3,8 +3,9 @@
     python bench/kernels.py [--repeats 200]
 
 1. Skip corrections (``runtime/corrections.py: pointwise_conv``): a 1x1 convolution against the
-   same map as one matrix product over the pixels, at the shapes of cifar_resnet56's three stages,
-   batch 1 and 64, plain (NCHW) and channels-last inputs.
+   same map as one matrix product over the pixels in the input's layout, at the shapes of
+   cifar_resnet56's three stages, batch 1 and 64, plain (NCHW) and channels-last inputs
+   (``pointwise_conv`` runs the product on plain batches and the convolution elsewhere).
 2. The BlockDrop policy's blocks (``runtime/policy.py``): its 3x3 convolutions (with the folded
    bias) at their input shapes, plain against channels-last, batch 1 and 64.
 
@@ -22,8 +23,6 @@ import time
 import torch
 import torch.nn.functional as F
 from common import machine, write_result
-
-from dynconvert.runtime.corrections import pointwise_conv
 
 # (channels, side) of the skipped blocks' inputs in cifar_resnet56's three stages
 CORRECTION_SHAPES = [(16, 32), (32, 16), (64, 8)]
@@ -45,6 +44,19 @@ def microseconds(fn, args: tuple, repeats: int) -> float:
     return statistics.median(runs)
 
 
+def calls_per_run(batch: int, repeats: int) -> int:
+    """``repeats`` at batch 1, a tenth as many (at least 5) for a batch."""
+    return repeats if batch == 1 else max(repeats // 10, 5)
+
+
+def pixel_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The 1x1 convolution as one matrix product over the pixels, in ``x``'s own layout."""
+    matrix = weight.view(weight.shape[0], weight.shape[1])
+    if x.is_contiguous():
+        return torch.matmul(matrix, x.flatten(2)).add_(bias.view(-1, 1)).view(x.shape[0], -1, *x.shape[2:])
+    return F.linear(x.permute(0, 2, 3, 1), matrix, bias).permute(0, 3, 1, 2)  # channels-last
+
+
 def corrections(repeats: int) -> list[dict]:
     rows = []
     for batch in (1, 64):
@@ -52,17 +64,17 @@ def corrections(repeats: int) -> list[dict]:
             weight, bias = torch.randn(channels, channels, 1, 1), torch.randn(channels)
             for layout, memory_format in LAYOUTS.items():
                 x = torch.randn(batch, channels, side, side).contiguous(memory_format=memory_format)
-                n = repeats if batch == 1 else max(repeats // 10, 5)
-                conv = microseconds(F.conv2d, (x, weight, bias), n)
-                product = microseconds(pointwise_conv, (x, weight, bias), n)
+                n = calls_per_run(batch, repeats)
+                expected = F.conv2d(x, weight, bias)
+                torch.testing.assert_close(pixel_product(x, weight, bias), expected, rtol=1e-4, atol=1e-4)
                 rows.append(
                     {
                         "batch": batch,
                         "channels": channels,
                         "side": side,
                         "layout": layout,
-                        "conv1x1_us": conv,
-                        "pointwise_conv_us": product,
+                        "conv1x1_us": microseconds(F.conv2d, (x, weight, bias), n),
+                        "product_us": microseconds(pixel_product, (x, weight, bias), n),
                     }
                 )
     return rows
@@ -77,7 +89,7 @@ def policy_convs(repeats: int) -> list[dict]:
             for layout, memory_format in LAYOUTS.items():
                 x = torch.randn(batch, c_in, side, side).contiguous(memory_format=memory_format)
                 w = weight.contiguous(memory_format=memory_format)
-                n = repeats if batch == 1 else max(repeats // 10, 5)
+                n = calls_per_run(batch, repeats)
                 row[f"{layout}_us"] = microseconds(F.conv2d, (x, w, bias, stride, 1), n)
             rows.append(row)
     return rows
@@ -98,7 +110,7 @@ def main() -> None:
     for row in data["corrections"]:
         print(
             f"correction {row['layout']:>13} batch {row['batch']:>2} {row['channels']}x{row['side']}x{row['side']}: "
-            f"1x1 conv {row['conv1x1_us']:8.1f} us, pointwise_conv {row['pointwise_conv_us']:8.1f} us"
+            f"1x1 conv {row['conv1x1_us']:8.1f} us, product {row['product_us']:8.1f} us"
         )
     for row in data["policy_convs"]:
         print(

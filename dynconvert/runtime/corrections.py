@@ -73,9 +73,9 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
     a batch laid out plainly (NCHW) goes through one matrix product over the pixels instead.
 
     On CPU, PyTorch's 1x1 convolution of a few channels on a plain batch is slow: with 16
-    channels at 32x32 and batch 64 it takes about ten times as long as the product
-    (bench/kernels.py). At batch 1 and
-    channels-last it is as fast as the product, and stays.
+    channels at 32x32 and batch 64 it takes two to ten times as long as the product, from run to
+    run (bench/kernels.py). At batch 1 and in channels-last it is as fast as the product or
+    faster, and stays.
     """
     if x.shape[0] > 1 and x.is_contiguous():
         matrix = weight.view(weight.shape[0], weight.shape[1])
