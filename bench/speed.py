@@ -22,9 +22,13 @@ batches) against the static model over the same images in batches. At batch 1 th
 parts each image's decisions select are also timed alone, without exit heads, gates or policy
 network (``batch1_decisions_free``): the time ratio the model would reach if its decisions were
 free, so the gap to the FLOPs ratio splits into what the decisions cost and what the backbone's
-uneven FLOP rate costs. The whole backbone run the same way (``batch1_full_depth``, the first
-100 images) is timed against the static network as well: how the dynamic model's way of running
-the same layers compares by itself, apart from anything skipped. For early-exit models the FLOP
+uneven FLOP rate costs. For block-skipping models with skip corrections the kept blocks are
+also timed with every skipped block as its bare shortcut (``batch1_stand_ins_free``: no
+controller and no correction; outputs not the model's): the decisions-free gap splits again into
+what the corrections cost and what the kept blocks cost by themselves. The whole backbone run
+the same way (``batch1_full_depth``, the first 100 images) is timed against the static network
+as well: how the dynamic model's way of running the same layers compares by itself, apart from
+anything skipped. For early-exit models the FLOP
 rate of each backbone segment is recorded at batch 1 and on a whole batch (``segments_batch1``,
 ``segments_batch64``): exits save the late segments, so their rate against the early ones is what
 the quotient pays. Writes
@@ -40,6 +44,7 @@ the JSON says the GPU was not measured.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -53,7 +58,9 @@ from dynconvert.convert.build import build_model
 from dynconvert.convert.data import load_conversion_data, normalize
 from dynconvert.convert.latency import early_exit_latency
 from dynconvert.runtime.block_skip import BlockSkipModel
+from dynconvert.runtime.corrections import SkipCorrection
 from dynconvert.runtime.early_exit import EarlyExitModel
+from dynconvert.runtime.flat_graph import runners_for
 
 # images the whole-backbone pass is timed on each round: its ratio needs no more to settle
 FULL_DEPTH_IMAGES = 100
@@ -115,6 +122,45 @@ def decision_free(dyn, record: torch.Tensor):
     return None
 
 
+def without_corrections(dyn) -> list | None:
+    """Runners of a block-skipping model's skipped forms with every skip correction taken out
+    (the bare shortcut and whatever follows it, as without ``options.skip_correction``), built
+    on copies; None for models without corrections. For timing only: the outputs are not the
+    model's."""
+    if not isinstance(dyn, BlockSkipModel) or not hasattr(dyn.dyn, "corrections"):
+        return None
+    forms = []
+    for form in dyn.skipped_units:
+        names = [name for name, m in form.named_modules() if isinstance(m, SkipCorrection)]
+        if names:
+            form = copy.deepcopy(form)
+            for name in names:
+                form.set_submodule(name, torch.nn.Identity())
+        forms.append(form)
+    return runners_for(forms)
+
+
+def stand_ins_free(dyn, record: torch.Tensor, bare_forms: list):
+    """For one image's decisions, the blocks it keeps and nothing else that the model inserts:
+    no policy or gate, and its skipped blocks as bare shortcuts (``bare_forms``, from
+    :func:`without_corrections`). Timed beside :func:`decision_free` it splits what the
+    decisions leave over into the skip corrections' share and the kept blocks' own."""
+    keeps = [bool(v) for v in record.tolist()]
+    units = dyn.runners()[0]
+
+    def run(x):
+        index = 0
+        for unit, bare, droppable in zip(units, bare_forms, dyn.droppable):
+            if droppable:
+                x = unit(x) if keeps[index] else bare(x)
+                index += 1
+            else:
+                x = unit(x)
+        return x
+
+    return run
+
+
 def full_depth(dyn):
     """The decisions-free call that runs the whole backbone (every segment, every block): timed
     against the static network it shows what the dynamic model's way of running the same layers
@@ -172,6 +218,12 @@ def measure(
     if bound is not None:
         for i in range(20):
             free[i](x[i : i + 1])
+    bare_forms = without_corrections(dyn)
+    kept_only = None if bare_forms is None else [stand_ins_free(dyn, r, bare_forms) for r in records[: len(x)]]
+    bare = {"static": [], "dynamic": []} if kept_only is not None else None
+    if bare is not None:
+        for i in range(20):
+            kept_only[i](x[i : i + 1])
     whole = full_depth(dyn)
     depth = {"static": [], "dynamic": []} if whole is not None else None
     batched = {"static": [], "dynamic": []}
@@ -184,6 +236,9 @@ def measure(
         if bound is not None:
             for key, ms in batch1_ms(static, free.__getitem__, x, block).items():
                 bound[key].append(ms)
+        if bare is not None:
+            for key, ms in batch1_ms(static, kept_only.__getitem__, x, block).items():
+                bare[key].append(ms)
         if depth is not None:
             for key, ms in batch1_ms(static, lambda i: whole, x[:FULL_DEPTH_IMAGES], block).items():
                 depth[key].append(ms)
@@ -225,6 +280,8 @@ def measure(
     ]
     if bound is not None:
         measured.append(("batch1_decisions_free", bound, flops_ratio))
+    if bare is not None:
+        measured.append(("batch1_stand_ins_free", bare, flops_ratio))
     if depth is not None:  # the whole backbone: the static network's FLOPs
         measured.append(("batch1_full_depth", depth, 1.0))
     if stream["dynamic"]:
