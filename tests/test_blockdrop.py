@@ -178,8 +178,21 @@ def random_split(n, seed=0):
     return ImageSplit(images, torch.randint(0, 10, (n,), generator=g), "random")
 
 
-def test_the_eval_policy_with_batchnorm_folded_equals_the_unfolded_one():
-    _, dyn, _ = prepared("cifar_resnet56")
+# the CIFAR recipe's policy (one block after a stride-2 stem), and three stages, whose second and
+# third blocks fold a projection shortcut
+POLICY_SHAPES = [[], ["options.widths=[16, 32, 64]", "options.stem_stride=1"]]
+
+
+def policy_like(policy):
+    """A new policy network of the same shape as ``policy``."""
+    widths = [block.conv2.out_channels for block in policy.stages]
+    stem_stride = 4 if len(policy.stem) > 3 else policy.stem[0].stride[0]
+    return type(policy)(policy.head.out_features, input_size=policy.input_size, widths=widths, stem_stride=stem_stride)
+
+
+@pytest.mark.parametrize("shape", POLICY_SHAPES)
+def test_the_eval_policy_with_batchnorm_folded_equals_the_unfolded_one(shape):
+    _, dyn, _ = prepared("cifar_resnet56", shape)
     policy = dyn.dyn.controller
     randomize_policy(dyn)
     for bn in [m for m in policy.modules() if isinstance(m, torch.nn.BatchNorm2d)]:
@@ -201,14 +214,15 @@ def test_the_eval_policy_with_batchnorm_folded_equals_the_unfolded_one():
     with torch.no_grad():
         expected = policy.logits(x)
     with torch.inference_mode():
-        rebuilt = type(policy)(dyn.num_blocks).eval()
+        rebuilt = policy_like(policy).eval()
         rebuilt.logits(x)
         rebuilt.load_state_dict(policy.state_dict())
         assert_close(rebuilt.logits(x), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_the_folded_policy_gives_the_same_logits_in_either_layout_and_batch_size():
-    _, dyn, _ = prepared("cifar_resnet56")
+@pytest.mark.parametrize("shape", POLICY_SHAPES)
+def test_the_folded_policy_gives_the_same_logits_in_either_layout_and_batch_size(shape):
+    _, dyn, _ = prepared("cifar_resnet56", shape)
     policy = dyn.dyn.controller.eval()
     randomize_policy(dyn)
     x = torch.randn(5, 3, 32, 32)
