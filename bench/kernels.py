@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from common import machine, write_result
 
+from dynconvert.runtime.corrections import pixel_product
+
 # (channels, side) of the skipped blocks' inputs in cifar_resnet56's three stages
 CORRECTION_SHAPES = [(16, 32), (32, 16), (64, 8)]
 # (in channels, out channels, input side, stride) of the policy's 3x3 convolutions (16x16 input)
@@ -49,12 +51,14 @@ def calls_per_run(batch: int, repeats: int) -> int:
     return repeats if batch == 1 else max(repeats // 10, 5)
 
 
-def pixel_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The 1x1 convolution as one matrix product over the pixels, in ``x``'s own layout."""
-    matrix = weight.view(weight.shape[0], weight.shape[1])
+def product_in_layout(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The 1x1 convolution as one matrix product over the pixels, in ``x``'s own layout: the
+    runtime's :func:`pixel_product` on a plain map, a linear layer over the channels of a
+    channels-last one."""
     if x.is_contiguous():
-        return torch.matmul(matrix, x.flatten(2)).add_(bias.view(-1, 1)).view(x.shape[0], -1, *x.shape[2:])
-    return F.linear(x.permute(0, 2, 3, 1), matrix, bias).permute(0, 3, 1, 2)  # channels-last
+        return pixel_product(x, weight, bias)
+    matrix = weight.view(weight.shape[0], weight.shape[1])
+    return F.linear(x.permute(0, 2, 3, 1), matrix, bias).permute(0, 3, 1, 2)
 
 
 def corrections(repeats: int) -> list[dict]:
@@ -66,7 +70,7 @@ def corrections(repeats: int) -> list[dict]:
                 x = torch.randn(batch, channels, side, side).contiguous(memory_format=memory_format)
                 n = calls_per_run(batch, repeats)
                 expected = F.conv2d(x, weight, bias)
-                torch.testing.assert_close(pixel_product(x, weight, bias), expected, rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(product_in_layout(x, weight, bias), expected, rtol=1e-4, atol=1e-4)
                 rows.append(
                     {
                         "batch": batch,
@@ -74,7 +78,7 @@ def corrections(repeats: int) -> list[dict]:
                         "side": side,
                         "layout": layout,
                         "conv1x1_us": microseconds(F.conv2d, (x, weight, bias), n),
-                        "product_us": microseconds(pixel_product, (x, weight, bias), n),
+                        "product_us": microseconds(product_in_layout, (x, weight, bias), n),
                     }
                 )
     return rows

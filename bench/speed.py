@@ -146,19 +146,8 @@ def stand_ins_free(dyn, record: torch.Tensor, bare_forms: list):
     :func:`without_corrections`). Timed beside :func:`decision_free` it splits what the
     decisions leave over into the skip corrections' share and the kept blocks' own."""
     keeps = [bool(v) for v in record.tolist()]
-    units = dyn.runners()[0]
-
-    def run(x):
-        index = 0
-        for unit, bare, droppable in zip(units, bare_forms, dyn.droppable):
-            if droppable:
-                x = unit(x) if keeps[index] else bare(x)
-                index += 1
-            else:
-                x = unit(x)
-        return x
-
-    return run
+    parts = (dyn.runners()[0], bare_forms)
+    return lambda x: dyn.run_fixed(x, keeps, parts)
 
 
 def full_depth(dyn):
@@ -211,19 +200,20 @@ def measure(
         model(x[:batch])
     single = {"static": [], "dynamic": []}
     alternating = {"static": [], "dynamic": []}
-    # the bound runs the dynamic model's own weights, so it is timed in a pass of its own (against
-    # the static model again) rather than next to the dynamic model, whose weights it would warm
+    # the backbone-only calls, one per image, run the dynamic model's own weights, so each is timed
+    # in a pass of its own (against the static model again) rather than next to the dynamic model,
+    # whose weights it would warm
+    backbone_only = {}
     free = [decision_free(dyn, r) for r in records[: len(x)]]
-    bound = {"static": [], "dynamic": []} if free[0] is not None else None
-    if bound is not None:
-        for i in range(20):
-            free[i](x[i : i + 1])
+    if free[0] is not None:
+        backbone_only["batch1_decisions_free"] = free
     bare_forms = without_corrections(dyn)
-    kept_only = None if bare_forms is None else [stand_ins_free(dyn, r, bare_forms) for r in records[: len(x)]]
-    bare = {"static": [], "dynamic": []} if kept_only is not None else None
-    if bare is not None:
+    if bare_forms is not None:
+        backbone_only["batch1_stand_ins_free"] = [stand_ins_free(dyn, r, bare_forms) for r in records[: len(x)]]
+    backbone_times = {name: {"static": [], "dynamic": []} for name in backbone_only}
+    for calls in backbone_only.values():
         for i in range(20):
-            kept_only[i](x[i : i + 1])
+            calls[i](x[i : i + 1])
     whole = full_depth(dyn)
     depth = {"static": [], "dynamic": []} if whole is not None else None
     batched = {"static": [], "dynamic": []}
@@ -233,12 +223,9 @@ def measure(
             single[key].append(ms)
         for key, ms in batch1_ms(static, lambda i: dyn, x).items():
             alternating[key].append(ms)
-        if bound is not None:
-            for key, ms in batch1_ms(static, free.__getitem__, x, block).items():
-                bound[key].append(ms)
-        if bare is not None:
-            for key, ms in batch1_ms(static, kept_only.__getitem__, x, block).items():
-                bare[key].append(ms)
+        for name, calls in backbone_only.items():
+            for key, ms in batch1_ms(static, calls.__getitem__, x, block).items():
+                backbone_times[name][key].append(ms)
         if depth is not None:
             for key, ms in batch1_ms(static, lambda i: whole, x[:FULL_DEPTH_IMAGES], block).items():
                 depth[key].append(ms)
@@ -278,10 +265,7 @@ def measure(
         ("batch1_alternating", alternating, flops_ratio),
         (f"batch{batch}", batched, batched_flops_ratio),
     ]
-    if bound is not None:
-        measured.append(("batch1_decisions_free", bound, flops_ratio))
-    if bare is not None:
-        measured.append(("batch1_stand_ins_free", bare, flops_ratio))
+    measured += [(name, times, flops_ratio) for name, times in backbone_times.items()]
     if depth is not None:  # the whole backbone: the static network's FLOPs
         measured.append(("batch1_full_depth", depth, 1.0))
     if stream["dynamic"]:

@@ -221,16 +221,18 @@ class BlockSkipModel(nn.Module):
         h, keeps = self._run_deciding(x, decide)
         return Decisions(h, torch.tensor([keeps], dtype=torch.bool, device=x.device))
 
-    def run_fixed(self, x: torch.Tensor, keeps: list[bool]) -> torch.Tensor:
+    def run_fixed(self, x: torch.Tensor, keeps: list[bool], parts=None) -> torch.Tensor:
         """The network with the same decisions for every sample, one Python bool per droppable
-        block: kept blocks run in full, the others in their skipped form; no controller runs."""
-        return self._run_deciding(x, lambda index, h: keeps[index])[0]
+        block: kept blocks run in full, the others in their skipped form; no controller runs.
+        ``parts``: what runs the units and their skipped forms (default: :meth:`runners`)."""
+        return self._run_deciding(x, lambda index, h: keeps[index], parts)[0]
 
-    def _run_deciding(self, x: torch.Tensor, decide) -> tuple[torch.Tensor, list[bool]]:
+    def _run_deciding(self, x: torch.Tensor, decide, parts=None) -> tuple[torch.Tensor, list[bool]]:
         """The units in turn; at droppable block ``index`` (input ``h``), ``decide(index, h)``
-        says whether it runs in full or in its skipped form. Returns the output and the decisions."""
+        says whether it runs in full or in its skipped form. Returns the output and the decisions.
+        ``parts``: what runs the units and their skipped forms (default: :meth:`runners`)."""
         h, index, keeps = x, 0, []
-        for unit, skipped, droppable in zip(*self.runners(), self.droppable):
+        for unit, skipped, droppable in zip(*(parts or self.runners()), self.droppable):
             if droppable:
                 keep = decide(index, h)
                 keeps.append(keep)

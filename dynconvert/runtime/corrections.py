@@ -78,10 +78,16 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
     faster, and stays.
     """
     if x.shape[0] > 1 and x.is_contiguous():
-        matrix = weight.view(weight.shape[0], weight.shape[1])
-        out = torch.matmul(matrix, x.flatten(2)).add_(bias.view(-1, 1))
-        return out.view(x.shape[0], -1, *x.shape[2:])
+        return pixel_product(x, weight, bias)
     return F.conv2d(x, weight, bias)
+
+
+def pixel_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The 1x1 convolution ``F.conv2d(x, weight, bias)`` of a plainly laid out (NCHW) ``x`` as
+    one matrix product over its pixels."""
+    matrix = weight.view(weight.shape[0], weight.shape[1])
+    out = torch.matmul(matrix, x.flatten(2)).add_(bias.view(-1, 1))
+    return out.view(x.shape[0], -1, *x.shape[2:])
 
 
 def correction_rank(feature_shape: tuple[int, ...], channels_last: bool, branch_flops: float) -> int | None:
