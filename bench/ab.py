@@ -37,7 +37,7 @@ def worker(model_dir: str, images: int, batch: int) -> None:
     import torch
 
     import dynconvert
-    from dynconvert.convert.data import load_conversion_data, normalize
+    from dynconvert.toolkit.data import load_conversion_data, normalize
 
     with torch.inference_mode():
         dyn = dynconvert.load(model_dir).eval()

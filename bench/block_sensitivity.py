@@ -16,9 +16,9 @@ import torch
 from common import SHARED, machine, write_result
 
 from dynconvert.convert.build import build_model
-from dynconvert.convert.data import Preprocess, load_conversion_data, normalize
 from dynconvert.recipe import build_recipe, strategy_config
 from dynconvert.strategies import get_strategy
+from dynconvert.toolkit.data import Preprocess, load_conversion_data, normalize
 
 
 @torch.inference_mode()

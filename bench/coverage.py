@@ -3,7 +3,7 @@
     python bench/coverage.py [--models resnet18 vit_tiny_patch16_224 ...] [--strategies skipnet ...]
 
 Each (model, strategy) pair is checked with random weights at a small input (see
-``coverage_check.py``: prepare, invariance, one training step, hard decisions, save/load); the
+``dynconvert/coverage/check.py``: prepare, invariance, one training step, hard decisions, save/load); the
 first failing step is recorded. Writes docs/coverage.md and bench/results/coverage.json.
 """
 
@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 from common import REPO, RESULTS, machine
-from coverage_check import all_specs, check_model, spec_for
 from tqdm.auto import tqdm
 
 import dynconvert
 from dynconvert.convert.save import versions
+from dynconvert.coverage import all_specs, check_model, spec_for
 
 DEFAULT_MD = REPO / "docs" / "coverage.md"
 DEFAULT_JSON = RESULTS / "coverage.json"
@@ -150,7 +150,7 @@ def render_markdown(records: list[dict], summary: dict, command: str, meta: dict
         "   parameter changed, backbone (parameters and BatchNorm statistics) unchanged;",
         "4. **hard**: every decision taken (all samples leave at the first exit / every block dropped):",
         "   output of shape (batch, 10), finite;",
-        "5. **save_load**: `dyn.save(dir)` then `dynconvert.load(dir, model=base)` gives the same routed",
+        "5. **save_load**: `dynconvert.save(dyn, dir)` then `dynconvert.load(dir, model=base)` gives the same routed",
         "   outputs and decisions (and, for early exit, every head's logits).",
         "",
         "A block-skipping strategy on a network with no residual block is *n/a*, not a pass; on a network",
@@ -232,7 +232,7 @@ def _group_key(reason: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", help="timm model names (default: the catalogue in coverage_check.py)")
+    parser.add_argument("--models", nargs="+", help="timm model names (default: dynconvert.coverage.MODELS)")
     parser.add_argument("--strategies", nargs="+", help="strategy names (default: every registered strategy)")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per (model, strategy); 0 for none")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")

@@ -4,10 +4,10 @@
 
 For each data set: fit and calibrate on its train split, evaluate on its whole test split.
 Variants: ``default`` (the command as a user types it), ``latency`` (the same with
-``--set calibrate.cost=latency``: exits costed in measured batch-1 time, written to the folder
+``--set options.cost=latency``: exits costed in measured batch-1 time, written to the folder
 with a ``-latency`` suffix), ``onnx-latency`` (the same costs measured in onnxruntime with one
-thread, as ``bench/export.py`` runs it: ``--set calibrate.latency_runtime=onnxruntime --set
-calibrate.latency_threads=1``, suffix ``-onnx-latency``). Writes bench/results/early_exit.json
+thread, as ``bench/export.py`` runs it: ``--set options.latency_runtime=onnxruntime --set
+options.latency_threads=1``, suffix ``-onnx-latency``). Writes bench/results/early_exit.json
 (rows of runs not repeated are kept) and copies each run's report.png next to it.
 """
 
@@ -20,11 +20,11 @@ from common import OUT, RESULTS, SHARED, machine, run_cli, with_earlier_rows, wr
 
 VARIANTS = {
     "default": [],
-    "latency": ["--set", "calibrate.cost=latency"],
+    "latency": ["--set", "options.cost=latency"],
     "onnx-latency": [
-        *("--set", "calibrate.cost=latency"),
-        *("--set", "calibrate.latency_runtime=onnxruntime"),
-        *("--set", "calibrate.latency_threads=1"),
+        *("--set", "options.cost=latency"),
+        *("--set", "options.latency_runtime=onnxruntime"),
+        *("--set", "options.latency_threads=1"),
     ],
 }
 

@@ -33,10 +33,10 @@ from common import OUT, conversion_id, machine, repo_relative, with_earlier_rows
 
 import dynconvert
 from dynconvert.convert.build import build_model
-from dynconvert.convert.data import load_conversion_data, normalize
 from dynconvert.export import export_static_onnx
 from dynconvert.export.check import ort_session
 from dynconvert.export.graphs import FORMS, export_graph
+from dynconvert.toolkit.data import load_conversion_data, normalize
 
 DEFAULT_DIRS = [
     "early-exit-cifar_resnet56-cifar10-jpeg",
@@ -78,7 +78,7 @@ def measure(folder: Path, images: int, repeats: int, threads: int, rounds: int) 
             paths[form] = target / f"dynamic-{form}.onnx"
             checks[form] = dynconvert.export_onnx(dyn, paths[form], form=form, images=x[:512], overwrite=True)
     default = export_graph(dyn, x[:1]).form
-    records = torch.cat([dyn.decision_record(dyn.route(x[i : i + 64])) for i in range(0, images, 64)])[:images]
+    records = torch.cat([dyn.route(x[i : i + 64]).decisions for i in range(0, images, 64)])[:images]
     flops_ratio = float(dyn.flops_of(records).mean()) / dyn.static_flops()
     sessions = {key: ort_session(path, threads) for key, path in paths.items()}
     xs = x.numpy()

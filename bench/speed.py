@@ -55,12 +55,12 @@ from common import OUT, RESULTS, conversion_id, machine, repo_relative, with_ear
 
 import dynconvert
 from dynconvert.convert.build import build_model
-from dynconvert.convert.data import load_conversion_data, normalize
-from dynconvert.convert.latency import early_exit_latency
 from dynconvert.runtime.block_skip import BlockSkipModel
 from dynconvert.runtime.corrections import SkipCorrection
 from dynconvert.runtime.early_exit import EarlyExitModel
 from dynconvert.runtime.flat_graph import runners_for
+from dynconvert.strategies.early_exit_latency import early_exit_latency
+from dynconvert.toolkit.data import load_conversion_data, normalize
 
 # images the whole-backbone pass is timed on each round: its ratio needs no more to settle
 FULL_DEPTH_IMAGES = 100
@@ -182,7 +182,7 @@ def measure(
     data = load_conversion_data(dyn.recipe.data, dyn.preprocess, dyn.recipe.seed).evaluation
     x = normalize(data.images[:images], dyn.preprocess).to(device).contiguous(memory_format=fmt)
     routed = [dyn.route(x[i : i + batch]) for i in range(0, len(x), batch)]
-    records = torch.cat([dyn.decision_record(r) for r in routed])
+    records = torch.cat([r.decisions for r in routed])
     flops_ratio = float(dyn.flops_of(records).mean()) / dyn.static_flops()
     # the batched rows time whole batches only: their FLOPs ratio is that of the images they ran
     n_batched = len(x) // batch * batch

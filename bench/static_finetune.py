@@ -6,7 +6,7 @@ BlockDrop's joint fine-tuning (``bench/block_skip.py --strategy blockdrop --vari
 trains the backbone together with the policy. Part of any accuracy it gains may come from the
 training alone (the pretrained ResNet-56 never saw these JPEG images). This script gives the
 static ResNet-56 the same chance: the same fit split, the same optimiser settings (AdamW at
-``train.backbone_lr``, weight decay, a cosine schedule over the budget, BatchNorm statistics frozen, cross-entropy
+``options.backbone_lr``, weight decay, a cosine schedule over the budget, BatchNorm statistics frozen, cross-entropy
 plus self-distillation from the original network as in joint fine-tuning) for the same wall-clock
 time: by default the fine-tuning run's conversion time minus the default run's (read from
 bench/results/blockdrop.json). Evaluates on the whole test split; writes
@@ -26,10 +26,10 @@ from common import RESULTS, SHARED, machine, write_result
 from tqdm.auto import tqdm
 
 from dynconvert.convert.build import build_model
-from dynconvert.convert.data import Preprocess, load_conversion_data
 from dynconvert.convert.evaluate import evaluate_static
-from dynconvert.convert.train import distillation_loss, map_batches, train_batches
-from dynconvert.recipe import build_recipe
+from dynconvert.recipe import build_recipe, strategy_config
+from dynconvert.toolkit.data import Preprocess, load_conversion_data
+from dynconvert.toolkit.train import distillation_loss, map_batches, train_batches
 
 
 def joint_finetune_seconds() -> float:
@@ -48,6 +48,7 @@ def main() -> None:
     ]
     recipe = build_recipe(None, "cifar_resnet56", "blockdrop", overrides)
     cfg = recipe.train
+    backbone_lr = strategy_config(recipe).backbone_lr  # the joint fine-tuning's rate (a BlockDrop option)
     torch.manual_seed(recipe.seed)
     model = build_model(recipe.model).eval()
     prep = Preprocess.from_model(model)
@@ -58,7 +59,7 @@ def main() -> None:
     params = [p for p in student.parameters()]
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=cfg.backbone_lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=backbone_lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(data.fit) / cfg.batch_size)
     generator = torch.Generator().manual_seed(recipe.seed + 1)
     started, steps, epochs = time.perf_counter(), 0, 0.0
@@ -72,7 +73,7 @@ def main() -> None:
                 loss.backward()
                 progress = min(1.0, (time.perf_counter() - started) / seconds)
                 for group in optimizer.param_groups:  # cosine schedule over the time budget
-                    group["lr"] = cfg.backbone_lr * 0.5 * (1 + math.cos(math.pi * progress))
+                    group["lr"] = backbone_lr * 0.5 * (1 + math.cos(math.pi * progress))
                 optimizer.step()
                 steps += 1
                 bar.n = min(int(time.perf_counter() - started), int(seconds))

@@ -1,15 +1,18 @@
-"""Markdown tables of the benchmark results in bench/results/*.json (what the README shows).
+"""Markdown tables of the benchmark results in bench/results/*.json (the README's table and
+docs/results.md's).
 
-python bench/tables.py [early_exit|skipnet|blockdrop|speed|export|summary ...]
+python bench/tables.py [early_exit|skipnet|blockdrop|speed|speed-channels_last|speed-cuda|export|summary|readme ...]
+python bench/tables.py --write-readme   # README.md's table, between its results-table markers
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
-from common import RESULTS
+from common import REPO, RESULTS
 
 VARIANT_LABELS = {"latency": ", latency-costed", "onnx-latency": ", costed in onnxruntime time"}
 
@@ -152,6 +155,108 @@ def summary() -> str:
     return "\n".join(rows)
 
 
+# The README's table: one row per conversion, each read from its bench's JSON file (its default
+# recipe's run on README_DATA) and joined with that conversion's row in README_SPEED. Another
+# strategy's row is one more entry here.
+README_ROWS = [
+    ("early exit", "early_exit.json"),
+    ("SkipNet", "skipnet.json"),
+    ("BlockDrop", "blockdrop.json"),
+]
+README_DATA = "cifar10-jpeg"
+README_SPEED = "speed.json"
+README_MARKERS = ("<!-- results-table:start -->", "<!-- results-table:end -->")
+
+
+def default_run(data: dict) -> dict:
+    """The default recipe's run on README_DATA in one bench's JSON file."""
+    for r in data["runs"]:
+        if r.get("variant", "default") == "default" and r.get("data", data.get("data")) == README_DATA:
+            return r
+    raise SystemExit(f"no default run on {README_DATA} in this file")
+
+
+def command_option(command: str, option: str) -> str:
+    """The value of ``option`` in the dynconvert command line a run recorded."""
+    words = command.split()
+    return words[words.index(option) + 1]
+
+
+def timed_row(run: dict, timed: list[dict]) -> dict | None:
+    """The row of the speed bench that timed the same conversion as ``run``: same strategy, model
+    and data, and the same accuracy change on the whole evaluation split (both benches read it
+    from the conversion's report.json); None when the conversion was not timed."""
+    strategy = command_option(run["command"], "--strategy")
+    model = run["command"].split()[1]
+    data = Path(command_option(run["command"], "--data")).name
+    for r in timed:
+        if (r["strategy"], r["model"], Path(r["data"]).name) == (strategy, model, data) and math.isclose(
+            r.get("accuracy_change_points", math.nan), run["accuracy_change_points"], abs_tol=1e-9
+        ):
+            return r
+    return None
+
+
+def readme() -> str:
+    """The README's one table (README_ROWS), then a line naming the data, the split, the files
+    and the machines the figures come from."""
+    speed_data = json.loads((RESULTS / README_SPEED).read_text())
+    rows = [
+        "| conversion | static acc. | dynamic acc. | accuracy change | FLOPs ratio | time ratio, batch 1 | "
+        "quotient, batch 1 | time ratio, batch 64 | quotient, batch 64 | conversion time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    machines, samples, splits, timed_images = {}, set(), set(), set()
+    for label, file in README_ROWS:
+        data = json.loads((RESULTS / file).read_text())
+        run = default_run(data)
+        timed = timed_row(run, speed_data["results"])
+        machines.setdefault(run.get("measured_on", data["machine"]["cpu"]), []).append(file)
+        samples.add(run["evaluated_samples"])
+        splits.add(run["splits"]["evaluation"])
+        times = "not timed | n/a | not timed | n/a"
+        if timed is not None:
+            machines.setdefault(timed.get("measured_on", speed_data["machine"]["cpu"]), []).append(README_SPEED)
+            timed_images.add(timed["images"])
+            b1, b64 = timed["batch1"], timed["batch64"]
+            times = (
+                f"{b1['time_ratio']:.3f} | {b1['time_ratio_over_flops_ratio']:.2f} | "
+                f"{b64['time_ratio']:.3f} | {b64['time_ratio_over_flops_ratio']:.2f}"
+            )
+        rows.append(
+            f"| {label} | {100 * run['static_accuracy']:.2f}% | {100 * run['dynamic_accuracy']:.2f}% | "
+            f"{run['accuracy_change_points']:+.2f} pt | {run['flops_ratio']:.3f} | {times} | "
+            f"{run['conversion_seconds'] / 60:.1f} min |"
+        )
+    files = ", ".join(f"`bench/results/{file}`" for _, file in README_ROWS)
+    where = (
+        next(iter(machines))
+        if len(machines) == 1
+        else "; ".join(f"{cpu} ({', '.join(dict.fromkeys(used))})" for cpu, used in machines.items())
+    )
+    timer = speed_data["machine"]
+    evaluated = " / ".join(f"{n:,}" for n in sorted(samples))
+    first = " / ".join(str(n) for n in sorted(timed_images))
+    rows.append("")
+    rows.append(
+        f"Accuracy, FLOPs and conversion time: all {evaluated} {README_DATA} {'/'.join(sorted(splits))} images, "
+        f"default recipes ({files}); times: PyTorch {timer['torch']} on {timer['cores']} cores, default memory "
+        f"format, the first {first} of those images (`bench/results/{README_SPEED}`). Measured on {where}."
+    )
+    return "\n".join(rows)
+
+
+def write_readme(path: Path = REPO / "README.md") -> None:
+    """Replace what lies between README_MARKERS in ``path`` with readme()."""
+    text = path.read_text()
+    start, end = README_MARKERS
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise SystemExit(f"{path}: expected one {start} before one {end}")
+    head, rest = text.split(start)
+    tail = rest.split(end)[1]
+    path.write_text(f"{head}{start}\n{readme()}\n{end}{tail}")
+
+
 def provenance(data: dict) -> str:
     """Which processor the rows were measured on: one line, naming the rows when they differ."""
     rows = data.get("results") or data.get("runs") or []
@@ -182,9 +287,12 @@ RENDER = {
 
 
 def main() -> None:
-    for name in sys.argv[1:] or [*RENDER, "summary"]:
-        if name == "summary":
-            print(f"## summary\n\n{summary()}\n")
+    if sys.argv[1:] == ["--write-readme"]:
+        write_readme()
+        return
+    for name in sys.argv[1:] or [*RENDER, "summary", "readme"]:
+        if name in ("summary", "readme"):
+            print(f"## {name}\n\n{summary() if name == 'summary' else readme()}\n")
             continue
         path = RESULTS / f"{name}.json"
         if path.is_file():

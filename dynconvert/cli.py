@@ -17,10 +17,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dynconvert",
         description="Convert a pretrained static network into a dynamic one that computes less on easy inputs.",
     )
-    parser.add_argument("model", help="a timm model name, e.g. resnet50 or cifar_resnet56")
+    parser.add_argument(
+        "model",
+        nargs="*",
+        help="a timm model name, e.g. resnet50 or cifar_resnet56 (several, cheapest first, for cascade)",
+    )
     parser.add_argument("--strategy", default=None, help="early-exit (default), or another registered strategy")
     parser.add_argument(
-        "--weights", help="local checkpoint (state dict; 'state_dict'/'model' nesting and 'module.' prefixes are fine)"
+        "--weights",
+        nargs="+",
+        help="local checkpoint(s), one per model (state dict or safetensors; 'state_dict'/'model' nesting "
+        "and 'module.' prefixes are fine)",
     )
     parser.add_argument("--data", help="local data folder (parquet, imagefolder) or a hub data set name")
     parser.add_argument("--recipe", help="built-in recipe name or YAML file")
@@ -46,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", help="cpu or cuda")
     parser.add_argument("--seed", type=int, help="random seed")
+    parser.add_argument(
+        "--list-options", metavar="STRATEGY", help="list a strategy's options (options.*) with defaults and help"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
     return parser
@@ -61,23 +71,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from dynconvert.convert.pipeline import convert_recipe, default_output
         from dynconvert.recipe import build_recipe
+        from dynconvert.strategies import get_strategy
 
+        if args.list_options:
+            print(format_options(get_strategy(args.list_options)))
+            return 0
+        if not args.model:
+            raise DynconvertError("name the model to convert: dynconvert MODEL [...] (see dynconvert --help)")
         overrides = list(args.overrides)
         for key, value in (
-            ("model.weights", args.weights),
             ("data.path", args.data),
             ("device", args.device),
             ("seed", args.seed),
         ):
             if value is not None:
                 overrides.insert(0, f"{key}={value}")
-        recipe = build_recipe(args.recipe, args.model, args.strategy, overrides)
+        model = args.model if len(args.model) > 1 else args.model[0]
+        recipe = build_recipe(args.recipe, model, args.strategy, overrides, args.weights)
         out = Path(args.out) if args.out else default_output(recipe)
         if args.export == "onnx":
-            _hint_onnx_costs(recipe)
+            hint = get_strategy(recipe.strategy).from_options(recipe.options).export_hint(recipe)
+            if hint:
+                logging.getLogger(__name__).info(hint)
         dyn = convert_recipe(recipe, out=out, force=args.force, resume=args.resume)
         if args.export == "onnx":
-            from dynconvert.export import export_onnx
+            from dynconvert.convert.export_model import export_onnx
 
             export_onnx(dyn, out / "model.onnx", overwrite=args.force)
     except DynconvertError as exc:
@@ -101,23 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _hint_onnx_costs(recipe) -> None:
-    """Early exits priced in FLOPs alone or in PyTorch time, for a model exported to run in
-    onnxruntime: say how to price them there (heads weigh more against its faster backbone)."""
-    cal = recipe.calibrate
-    if recipe.strategy != "early-exit":
-        return
-    if cal.cost == "flops" and not cal.head_overhead_mflops:
-        priced = "FLOPs alone"
-    elif cal.cost == "latency" and cal.latency_runtime == "pytorch":
-        priced = "PyTorch time"
-    else:
-        return
-    logging.getLogger(__name__).info(
-        "exits are priced in %s; for a model that will run in onnxruntime, --set calibrate.cost=latency "
-        "--set calibrate.latency_runtime=onnxruntime prices them in onnxruntime's time (docs/export.md)",
-        priced,
-    )
+def format_options(strategy) -> str:
+    """The strategy's options as a table: ``options.NAME  TYPE  default  help``."""
+    rows = strategy.describe_options()
+    lines = [f"strategy {strategy.name}: set with --set options.NAME=VALUE or under options: in a recipe"]
+    width = max((len(r["name"]) for r in rows), default=0)
+    for r in rows:
+        lines.append(f"  {r['name']:<{width}}  {r['type']} = {r['default']!r}\n  {'':<{width}}  {r['help']}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

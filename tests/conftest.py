@@ -146,9 +146,9 @@ def prepare_early_exit():
     ``overrides`` are dotted recipe keys (``{"options.fractions": [0.3, 0.6]}``); the model
     is put in eval mode and keeps its own number of classes.
     """
-    from dynconvert.convert.data import Preprocess
     from dynconvert.recipe import build_recipe, strategy_config
     from dynconvert.strategies import get_strategy
+    from dynconvert.toolkit.data import Preprocess
 
     def prepare(model, name: str = "cifar_resnet20", overrides: dict | None = None):
         recipe = build_recipe(model=name, overrides={"model.pretrained": False, **(overrides or {})})
@@ -157,7 +157,9 @@ def prepare_early_exit():
         prep = Preprocess.from_model(model)
         example = torch.randn(2, *prep.input_size)
         model.eval()
-        return strategy.prepare(model, recipe, config, example, model.num_classes)
+        dyn = strategy(config).prepare([model], recipe, example, model.num_classes)
+        dyn.recipe, dyn.preprocess = recipe, prep  # as the pipeline records them (export reads both)
+        return dyn
 
     return prepare
 

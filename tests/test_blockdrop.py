@@ -11,7 +11,6 @@ from conftest import TINY_RUN
 from torch.testing import assert_close
 
 import dynconvert
-from dynconvert.convert.data import ConversionData, ImageSplit, Preprocess
 from dynconvert.errors import DynconvertError
 from dynconvert.recipe import build_recipe, default_recipe_name, strategy_config
 from dynconvert.strategies import get_strategy
@@ -24,6 +23,7 @@ from dynconvert.strategies.blockdrop_training import (
     offset_for_flops,
     reinforce_step,
 )
+from dynconvert.toolkit.data import ConversionData, ImageSplit, Preprocess
 
 
 def prepared(name="cifar_resnet20", overrides=()):
@@ -31,7 +31,7 @@ def prepared(name="cifar_resnet20", overrides=()):
     recipe = build_recipe(None, name, "blockdrop", ["model.pretrained=false", *overrides])
     strategy = get_strategy("blockdrop")
     config = strategy_config(recipe)
-    dyn = strategy.prepare(model, recipe, config, torch.randn(2, 3, 32, 32), 10)
+    dyn = strategy(config).prepare([model], recipe, torch.randn(2, 3, 32, 32), 10)
     return model, dyn, config
 
 
@@ -47,7 +47,7 @@ def test_untrained_policy_keeps_every_block_and_equals_the_original(batch):
     x = torch.randn(batch, 3, 32, 32)
     with torch.no_grad():
         assert_close(dyn(x), model(x))
-    assert dyn.last_kept.shape == (batch, 9) and dyn.last_kept.all()
+    assert dyn.last_decisions.shape == (batch, 9) and dyn.last_decisions.all()
 
 
 @pytest.mark.parametrize("batch", [1, 6])
@@ -59,7 +59,7 @@ def test_policy_forced_to_keep_everything_equals_the_original(batch):
     with torch.no_grad():
         assert_close(dyn(x), model(x))
         assert_close(dyn.route_with(x, torch.ones(batch, dyn.num_blocks, dtype=torch.bool)).logits, model(x))
-    assert dyn.last_kept.all()
+    assert dyn.last_decisions.all()
 
 
 def test_policy_reads_a_downsampled_image_and_costs_little(monkeypatch):
@@ -86,8 +86,8 @@ def test_dropped_blocks_really_do_not_run():
         dyn(torch.randn(1, 3, 32, 32))
     for i, droppable in enumerate(dyn.droppable):
         assert calls[i] == (0 if droppable else 2)
-    assert not dyn.last_kept.any()
-    assert float(dyn.sample_flops(dyn.last_kept)[0]) < 0.2 * dyn.static_flops()
+    assert not dyn.last_decisions.any()
+    assert float(dyn.sample_flops(dyn.last_decisions)[0]) < 0.2 * dyn.static_flops()
 
 
 def test_route_with_runs_each_block_on_exactly_the_rows_that_keep_it():
@@ -111,24 +111,24 @@ def test_sub_batches_equal_running_each_sample_alone():
         for offset in torch.linspace(-3, 3, 25):  # find a bias that gives mixed decisions
             dyn.dyn.bias.fill_(float(offset))
             batched = dyn.route(x)
-            if 0.2 < batched.kept.float().mean() < 0.8:
+            if 0.2 < batched.decisions.float().mean() < 0.8:
                 break
-        assert 0 < batched.kept.float().mean() < 1, "the test needs mixed decisions"
-        assert_close(dyn.route_with(x, batched.kept).logits, batched.logits)
+        assert 0 < batched.decisions.float().mean() < 1, "the test needs mixed decisions"
+        assert_close(dyn.route_with(x, batched.decisions).logits, batched.logits)
         for i in range(len(x)):
             alone = dyn.route(x[i : i + 1])
-            assert torch.equal(alone.kept[0], batched.kept[i])
+            assert torch.equal(alone.decisions[0], batched.decisions[i])
             assert_close(alone.logits[0], batched.logits[i], atol=1e-5, rtol=1e-5)
         dyn.settled[0], dyn.settled[1] = 1, -1  # settled blocks: the same at batch 1 and in a batch
         batched = dyn.route(x)
-        assert batched.kept[:, 0].all() and not batched.kept[:, 1].any()
+        assert batched.decisions[:, 0].all() and not batched.decisions[:, 1].any()
         for i in range(len(x)):
             alone = dyn.route(x[i : i + 1])
-            assert torch.equal(alone.kept[0], batched.kept[i])
+            assert torch.equal(alone.decisions[0], batched.decisions[i])
             assert_close(alone.logits[0], batched.logits[i], atol=1e-5, rtol=1e-5)
         dyn.settled = [1] * dyn.num_blocks  # every block settled: the policy is not run at batch 1
         dyn.dyn.controller.start = lambda images: pytest.fail("the policy ran")
-        assert dyn.route(x[:1]).kept.all()
+        assert dyn.route(x[:1]).decisions.all()
 
 
 def test_reward_and_probability_bounding():
@@ -281,7 +281,7 @@ def test_options_are_validated():
     with pytest.raises(DynconvertError, match="unknown recipe key 'options.gate'"):
         build_recipe(None, "cifar_resnet20", "blockdrop", ["options.gate=recurrent"])
     with pytest.raises(DynconvertError, match="finetune_modules"):
-        prepared(overrides=["train.tune_backbone=[layer3]"])
+        prepared(overrides=["options.tune_backbone=[layer3]"])
     assert default_recipe_name("cifar_resnet56", "blockdrop") == "cifar_resnet-blockdrop"
     assert default_recipe_name("resnet50", "blockdrop") == "resnet50-blockdrop"
     recipe = build_recipe(None, "resnet50", "blockdrop")
@@ -308,7 +308,7 @@ def assert_same_decisions(dyn, loaded):
     x = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
         a, b = dyn.route(x), loaded.route(x)
-    assert torch.equal(a.kept, b.kept)
+    assert torch.equal(a.decisions, b.decisions)
     assert_close(a.logits, b.logits)
 
 

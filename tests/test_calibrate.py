@@ -7,8 +7,9 @@ import torch
 from conftest import TINY_RUN
 
 import dynconvert
-from dynconvert.convert.calibrate import OFF, choose_operating_point, threshold_sweep
 from dynconvert.runtime.early_exit import exit_cost_table
+from dynconvert.toolkit.calibrate import OFF, threshold_sweep
+from dynconvert.toolkit.choose import choose_point
 
 
 def test_cost_table_counts_only_enabled_heads():
@@ -33,7 +34,8 @@ def _two_exit_problem(first_head_cost: float):
 
 
 def test_sweep_turns_off_an_exit_that_does_not_pay_for_its_head():
-    chosen = choose_operating_point(_two_exit_problem(first_head_cost=0.5), max_accuracy_drop=0.01)
+    chosen, met = choose_point(_two_exit_problem(first_head_cost=0.5), max_accuracy_drop=0.01)
+    assert met
     assert chosen.thresholds[0] == OFF, "a head that never helps must not run"
     assert chosen.thresholds[1] <= 1.0
     assert chosen.flops_ratio == pytest.approx((1 + 1 + 0.01) / 10)
@@ -41,9 +43,24 @@ def test_sweep_turns_off_an_exit_that_does_not_pay_for_its_head():
 
 def test_operating_point_respects_the_accuracy_budget():
     path = _two_exit_problem(first_head_cost=0.0)
-    chosen = choose_operating_point(path, max_accuracy_drop=0.01)
+    chosen, met = choose_point(path, max_accuracy_drop=0.01)
+    assert met
     assert chosen.accuracy_drop_bound <= 0.01
     assert chosen.flops_ratio == min(p.flops_ratio for p in path if p.accuracy_drop_bound <= 0.01)
+
+
+def test_a_budget_out_of_reach_keeps_the_most_accurate_point_and_says_so(caplog):
+    path = _two_exit_problem(first_head_cost=0.0)
+    with caplog.at_level("WARNING"):
+        chosen, met = choose_point(path, flops_ratio=0.01)
+    assert not met and "no operating point" in caplog.text
+    best = min(p.accuracy_drop_bound for p in path)
+    assert chosen.accuracy_drop_bound == best
+    dicts = [
+        {"flops_ratio": p.flops_ratio, "accuracy_drop": p.accuracy_drop, "accuracy_drop_bound": p.accuracy_drop_bound}
+        for p in path
+    ]
+    assert choose_point(dicts, max_accuracy_drop=-1.0)[0]["accuracy_drop_bound"] == best
 
 
 @pytest.mark.parametrize("runtime", ["pytorch", "onnxruntime"])
@@ -53,9 +70,9 @@ def test_latency_costed_calibration_reports_time_and_flops(tiny_data, tiny_weigh
         strategy="early-exit",
         data=str(tiny_data),
         model__weights=str(tiny_weights),
-        calibrate__cost="latency",
-        calibrate__latency_runtime=runtime,
-        calibrate__latency_threads=1,
+        options__cost="latency",
+        options__latency_runtime=runtime,
+        options__latency_threads=1,
         options__fractions=[0.3, 0.6],
         **TINY_RUN,
     )
@@ -77,7 +94,7 @@ def test_head_overhead_prices_heads_in_the_sweep_but_not_in_the_report(tiny_data
             strategy="early-exit",
             data=str(tiny_data),
             model__weights=str(tiny_weights),
-            calibrate__head_overhead_mflops=overhead,
+            options__head_overhead_mflops=overhead,
             options__fractions=[0.3, 0.6],
             **TINY_RUN,
         )
@@ -103,14 +120,14 @@ def test_a_part_that_does_not_export_says_how_to_calibrate_instead(tiny_data, ti
         raise dynconvert.DynconvertError(f"torch.onnx.export failed for {type(graph).__name__}: unsupported")
 
     monkeypatch.setattr(onnx_export, "export_module", refuse)
-    with pytest.raises(dynconvert.DynconvertError, match="calibrate.latency_runtime=pytorch"):
+    with pytest.raises(dynconvert.DynconvertError, match="options.latency_runtime=pytorch"):
         dynconvert.convert(
             "cifar_resnet20",
             strategy="early-exit",
             data=str(tiny_data),
             model__weights=str(tiny_weights),
-            calibrate__cost="latency",
-            calibrate__latency_runtime="onnxruntime",
+            options__cost="latency",
+            options__latency_runtime="onnxruntime",
             options__fractions=[0.3, 0.6],
             **TINY_RUN,
         )

@@ -11,8 +11,8 @@ import yaml
 from torch.testing import assert_close
 
 import dynconvert
-from dynconvert.convert.data import Preprocess, load_conversion_data, normalize
 from dynconvert.recipe import Recipe, build_recipe, from_dict
+from dynconvert.toolkit.data import Preprocess, load_conversion_data, normalize
 
 TINY_CONVERSION = dict(
     model__pretrained=False,
@@ -92,13 +92,13 @@ def test_load_gives_identical_logits_and_exits(converted, eval_batch):
     assert_close(loaded.dyn.temperatures, dyn.dyn.temperatures, rtol=0, atol=0)
     with torch.no_grad():
         expected, got = dyn.route(eval_batch), loaded.route(eval_batch)
-    assert got.exits.tolist() == expected.exits.tolist()
-    assert len(set(expected.exits.tolist())) > 1, "the batch should mix exits"
+    assert got.decisions.tolist() == expected.decisions.tolist()
+    assert len(set(expected.decisions.tolist())) > 1, "the batch should mix exits"
     assert_close(got.logits, expected.logits, rtol=1e-6, atol=1e-6)
     for i in (0, 5):  # batch-1 path too
         with torch.no_grad():
             single = loaded.route(eval_batch[i : i + 1])
-        assert int(single.exits) == int(expected.exits[i])
+        assert int(single.decisions) == int(expected.decisions[i])
         assert_close(single.logits[0], expected.logits[i], rtol=1e-4, atol=1e-5)
 
 

@@ -1,20 +1,13 @@
-"""The coverage check of bench/coverage.py on timm's tiny test models, for every registered strategy:
+"""The coverage check (dynconvert.coverage) on timm's tiny test models, for every registered strategy:
 prepare, invariance, one training step, hard decisions and save/load all pass (or the strategy
 is not applicable: a block-skipping strategy on a network with no residual block)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 import dynconvert
-
-# appended, not prepended: bench/coverage.py must not shadow the `coverage` package
-sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))
-
-from coverage_check import check_model  # noqa: E402
+from dynconvert.coverage import check_model
 
 BLOCK_SKIPPING = {"skipnet", "blockdrop"}
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dynconvert.convert.data import Preprocess, load_conversion_data
 from dynconvert.errors import DynconvertError
 from dynconvert.recipe import DataConfig
+from dynconvert.toolkit.data import Preprocess, load_conversion_data
 
 PREP = Preprocess(input_size=(3, 32, 32), crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 

@@ -13,7 +13,7 @@ import torch
 from conftest import TINY_RUN
 
 import dynconvert
-from dynconvert.convert import distributed
+from dynconvert.toolkit import distributed
 
 CASES = {
     # LayerNorm heads: BatchNorm heads normalise with each process's half of the batch

@@ -10,9 +10,9 @@ import torch
 from torch.testing import assert_close
 
 import dynconvert  # noqa: F401  (registers the CIFAR ResNets)
-from dynconvert.convert.calibrate import simulate_exits
 from dynconvert.runtime.confidence import confidence, row_confidence
 from dynconvert.runtime.early_exit import EarlyExitModel
+from dynconvert.toolkit.calibrate import simulate_exits
 
 TIGHT = dict(rtol=1e-6, atol=1e-6)
 # batched and per-sample convolutions may differ in the last bits
@@ -60,8 +60,8 @@ def test_no_exit_taken_equals_original(name, kwargs, prepare_early_exit):
             called = dyn(x)
         assert_close(routed.logits, expected, **TIGHT)
         assert_close(called, expected, **TIGHT)
-        assert routed.exits.tolist() == [dyn.num_exits] * batch
-        assert dyn.last_exits.tolist() == [dyn.num_exits] * batch
+        assert routed.decisions.tolist() == [dyn.num_exits] * batch
+        assert dyn.last_decisions.tolist() == [dyn.num_exits] * batch
     # prepare reads the model, it does not change it
     after = model.state_dict()
     assert after.keys() == before.keys()
@@ -111,7 +111,7 @@ def test_first_exit_skips_every_later_segment(small_dyn, batch):
     with torch.no_grad():
         routed = dyn.route(x)
         expected = dyn.dyn.exits[0](dyn.segments[0](x))
-    assert routed.exits.tolist() == [0] * batch
+    assert routed.decisions.tolist() == [0] * batch
     assert_close(routed.logits, expected, **TIGHT)
     assert calls["segment1"] == calls["segment2"] == calls["head1"] == []
     assert calls["segment0"] == [batch, batch]  # once in route, once for `expected`
@@ -124,7 +124,7 @@ def test_second_exit_skips_the_last_segment(small_dyn, batch):
     calls = count_calls(dyn)
     with torch.no_grad():
         routed = dyn.route(torch.randn(batch, 3, 32, 32))
-    assert routed.exits.tolist() == [1] * batch
+    assert routed.decisions.tolist() == [1] * batch
     assert calls["segment0"] == calls["segment1"] == calls["head1"] == [batch]
     # a head whose threshold is above any confidence is never computed
     assert calls["segment2"] == calls["head0"] == []
@@ -137,7 +137,7 @@ def test_hooks_see_every_segment_when_no_exit_is_taken(small_dyn):
     calls = count_calls(dyn)
     with torch.no_grad():
         routed = dyn.route(torch.randn(3, 3, 32, 32))
-    assert routed.exits.tolist() == [2, 2, 2]
+    assert routed.decisions.tolist() == [2, 2, 2]
     assert all(calls[name] == [3] for name in ("segment0", "segment1", "segment2", "head0", "head1"))
 
 
@@ -172,8 +172,8 @@ def test_mixed_exits_batched_equals_per_sample(small_dyn, criterion):
     with torch.no_grad():
         batched = dyn.route(x)
         single = [dyn.route(x[i : i + 1]) for i in range(len(x))]
-    assert torch.bincount(batched.exits, minlength=3).tolist() == [8, 4, 4]
-    assert batched.exits.tolist() == [int(s.exits) for s in single]
+    assert torch.bincount(batched.decisions, minlength=3).tolist() == [8, 4, 4]
+    assert batched.decisions.tolist() == [int(s.decisions) for s in single]
     assert_close(batched.logits, torch.cat([s.logits for s in single]), **LOOSE)
 
 
@@ -192,7 +192,7 @@ def test_samples_that_stay_keep_the_channels_last_layout(small_dyn):
     with torch.no_grad():
         batched = dyn.route(x)
         single = [dyn.route(x[i : i + 1]) for i in range(len(x))]
-    assert torch.bincount(batched.exits, minlength=3).tolist() == [8, 4, 4]
+    assert torch.bincount(batched.decisions, minlength=3).tolist() == [8, 4, 4]
     assert layouts[:2] == [True, True]  # the 8, then the 4 samples still in
     assert_close(batched.logits, torch.cat([s.logits for s in single]), **LOOSE)
 
@@ -213,7 +213,7 @@ def test_stream_mode_equals_per_sample_routing(small_dyn, batch_size):
     assert all(n <= batch_size for n in calls["segment0"] + calls["segment1"] + calls["segment2"])
     with torch.no_grad():
         single = [dyn.route(x[i : i + 1]) for i in range(len(x))]
-    assert streamed.exits.tolist() == [int(s.exits) for s in single]
+    assert streamed.decisions.tolist() == [int(s.decisions) for s in single]
     assert_close(streamed.logits, torch.cat([s.logits for s in single]), **LOOSE)
 
 
@@ -230,7 +230,7 @@ def test_mixed_exits_match_the_all_exits_reference(small_dyn):
         final, exit_logits = dyn.forward_all(x)
     conf = torch.stack([confidence(lg, dyn.criterion) for lg in exit_logits])
     expected_exits = simulate_exits(conf, dyn.dyn.thresholds)
-    assert routed.exits.tolist() == expected_exits.tolist()
+    assert routed.decisions.tolist() == expected_exits.tolist()
     all_logits = torch.stack([*exit_logits, final])
     assert_close(routed.logits, all_logits[expected_exits, torch.arange(16)], **LOOSE)
 
@@ -263,11 +263,11 @@ def test_runs_under_torch_compile(small_dyn):
     dyn, _ = small_dyn
     x = torch.randn(6, 3, 32, 32)
     dyn.dyn.thresholds.copy_(_thresholds_for_mixed_exits(dyn, torch.randn(16, 3, 32, 32)))
-    expected, expected_exits = dyn(x), dyn.last_exits
+    expected, expected_exits = dyn(x), dyn.last_decisions
     torch._dynamo.reset()
     compiled = torch.compile(dyn, backend="aot_eager")
     assert_close(compiled(x), expected, **TIGHT)
-    assert torch.equal(dyn.last_exits, expected_exits)
+    assert torch.equal(dyn.last_decisions, expected_exits)
     assert_close(compiled(x[:1]), dyn.route(x[:1]).logits, **LOOSE)
     torch._dynamo.reset()
 
@@ -347,8 +347,8 @@ def test_batch1_fast_heads_equal_the_batched_route(batchnorm_dyn, memory_format)
     held, forms = dyn._single_sample
     assert held is not None and len(held[0]) == dyn.num_exits, "the heads' single-sample forms were reused"
     assert all(function is not head for (function, _), head in zip(forms, dyn.dyn.exits))
-    assert torch.bincount(batched.exits, minlength=3).tolist() == [8, 4, 4]
-    assert batched.exits.tolist() == [int(s.exits) for s in single]
+    assert torch.bincount(batched.decisions, minlength=3).tolist() == [8, 4, 4]
+    assert batched.decisions.tolist() == [int(s.decisions) for s in single]
     assert_close(batched.logits, torch.cat([s.logits for s in single]), **LOOSE)
 
 

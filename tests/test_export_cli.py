@@ -30,10 +30,10 @@ def test_cli_exports_and_checks_beside_the_conversion(tiny_data, tiny_weights, t
     out = tmp_path / "out"
     argv = ["cifar_resnet20", "--data", str(tiny_data), "--weights", str(tiny_weights), "--out", str(out)]
     caplog.set_level(logging.INFO, logger="dynconvert.cli")
-    flops_alone = ["--set", "calibrate.head_overhead_mflops=0"]
+    flops_alone = ["--set", "options.head_overhead_mflops=0"]
     assert main([*argv, *TINY, *flops_alone, "--export", "onnx"]) == 0
     # exits priced in FLOPs alone for a model bound for onnxruntime: the user is told how to price them there
-    assert "calibrate.latency_runtime=onnxruntime" in caplog.text
+    assert "options.latency_runtime=onnxruntime" in caplog.text
     report = json.loads((out / "model.onnx.check.json").read_text())
     assert report["passed"] and report["strategy"] == "early-exit"
     assert report["samples"]["images"] >= 48  # every test image of the tiny data set (some twice)

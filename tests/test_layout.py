@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from dynconvert.convert.trace import trace
 from dynconvert.errors import DynconvertError
 from dynconvert.export.layout import blocked_identity, keep_blocked_layout, prepare_layout
 from dynconvert.models.cifar_resnet import CifarResNet
+from dynconvert.toolkit.trace import trace
 
 
 def identities(gm: fx.GraphModule) -> list[fx.Node]:

@@ -8,10 +8,10 @@ import torch
 from torch.testing import assert_close
 
 import dynconvert  # noqa: F401  (registers the CIFAR ResNets)
-from dynconvert.convert.costs import node_flops
-from dynconvert.convert.trace import trace
 from dynconvert.passes import exit_points_of, find_cut_points, insert_exit_heads, split_at
 from dynconvert.runtime.heads import ExitHead
+from dynconvert.toolkit.costs import node_flops
+from dynconvert.toolkit.trace import trace
 
 
 def traced(name: str, **kwargs):

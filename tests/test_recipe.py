@@ -22,10 +22,11 @@ from dynconvert.recipe import (
     parse_override,
     read_recipe_source,
     strategy_config,
+    validate_recipe,
 )
 from dynconvert.strategies import Strategy, get_strategy, list_strategies, register_strategy
 
-TOP_KEYS = ["calibrate", "data", "device", "evaluate", "model", "options", "seed", "strategy", "train"]
+TOP_KEYS = ["calibrate", "data", "device", "evaluate", "model", "models", "options", "seed", "strategy", "train"]
 
 
 def build(*overrides: str, **kwargs) -> Recipe:
@@ -34,7 +35,7 @@ def build(*overrides: str, **kwargs) -> Recipe:
 
 def test_defaults_are_valid():
     recipe = from_dict(Recipe, {"model": {"name": "resnet18"}})
-    recipe.validate()
+    validate_recipe(recipe)
     assert recipe.strategy == "early-exit" and recipe.device == "cpu"
 
 
@@ -108,9 +109,9 @@ def test_int_is_accepted_where_a_float_is_expected():
         ("calibrate.max_accuracy_drop=2", "calibrate.max_accuracy_drop"),
         ("calibrate.criterion=margin", "calibrate.criterion"),
         ("calibrate.reference=teacher", "calibrate.reference"),
-        ("calibrate.latency_runtime=tensorrt", "calibrate.latency_runtime"),
-        ("calibrate.latency_threads=-1", "calibrate.latency_threads"),
-        ("calibrate.head_overhead_mflops=-1", "calibrate.head_overhead_mflops"),
+        ("options.latency_runtime=tensorrt", "options.latency_runtime"),
+        ("options.latency_threads=-1", "options.latency_threads"),
+        ("options.head_overhead_mflops=-1", "options.head_overhead_mflops"),
         ("device=tpu", "device"),
         ("options.fractions=[0.2, 1.2]", "options.fractions"),
         ("options.head_pool=0", "options.head_pool"),
@@ -258,7 +259,7 @@ def test_recipe_yaml_round_trip():
     recipe = build("train.epochs=3", "options.fractions=[0.25, 0.5]", "model.leaf_modules=[layer1]")
     again = from_dict(Recipe, yaml.safe_load(recipe.to_yaml()))
     assert again == recipe
-    again.validate()
+    validate_recipe(again)
 
 
 # --- fuzz: from_dict never raises anything but DynconvertError -------------------------------
@@ -327,7 +328,7 @@ def test_fuzz_from_dict_builds_or_raises_dynconvert_error(data):
         return
     assert isinstance(recipe, Recipe)
     try:
-        recipe.validate()
+        validate_recipe(recipe)
     except DynconvertError:
         return
     assert isinstance(recipe.train.epochs, int) and recipe.train.epochs >= 0

@@ -14,8 +14,8 @@ from conftest import TINY_RUN, convert_tiny
 
 import dynconvert
 from dynconvert.cli import main
-from dynconvert.convert import checkpoint as ckpt
-from dynconvert.convert import train
+from dynconvert.toolkit import checkpoint as ckpt
+from dynconvert.toolkit import train
 
 # (strategy, overrides, checkpoint saves before SIGTERM): the blockdrop run stops in its
 # third stage (joint fine-tuning), so resuming crosses two finished stages into another

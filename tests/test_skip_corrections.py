@@ -9,10 +9,10 @@ from conftest import convert_tiny
 from torch.testing import assert_close
 
 import dynconvert
-from dynconvert.convert.costs import count_flops
 from dynconvert.recipe import build_recipe, strategy_config
 from dynconvert.runtime.corrections import SkipCorrection, pointwise_conv
 from dynconvert.strategies import get_strategy
+from dynconvert.toolkit.costs import count_flops
 
 
 def prepared(strategy: str, correction: str):
@@ -20,7 +20,7 @@ def prepared(strategy: str, correction: str):
     model = timm.create_model("cifar_resnet20", pretrained=False).eval()
     overrides = ["model.pretrained=false", f"options.skip_correction={correction}"]
     recipe = build_recipe(None, "cifar_resnet20", strategy, overrides)
-    return get_strategy(strategy).prepare(model, recipe, strategy_config(recipe), torch.randn(2, 3, 32, 32), 10)
+    return get_strategy(strategy)(strategy_config(recipe)).prepare([model], recipe, torch.randn(2, 3, 32, 32), 10)
 
 
 def closed(dyn):

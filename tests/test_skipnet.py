@@ -11,11 +11,11 @@ from conftest import convert_tiny
 from torch.testing import assert_close
 
 import dynconvert
-from dynconvert.convert.costs import node_flops
-from dynconvert.convert.trace import trace
 from dynconvert.passes.residual import find_units, full_form, skipped_form
 from dynconvert.recipe import build_recipe, strategy_config
 from dynconvert.strategies import get_strategy
+from dynconvert.toolkit.costs import node_flops
+from dynconvert.toolkit.trace import trace
 
 
 def prepared(name="cifar_resnet20", gate="feedforward", **kwargs):
@@ -23,7 +23,7 @@ def prepared(name="cifar_resnet20", gate="feedforward", **kwargs):
     size = model.pretrained_cfg["input_size"][1] if name.startswith("cifar") else 64
     recipe = build_recipe(None, name, "skipnet", ["model.pretrained=false", f"options.gate={gate}"])
     strategy = get_strategy("skipnet")
-    dyn = strategy.prepare(model, recipe, strategy_config(recipe), torch.randn(2, 3, size, size), 10)
+    dyn = strategy(strategy_config(recipe)).prepare([model], recipe, torch.randn(2, 3, size, size), 10)
     return model, dyn, size
 
 
@@ -67,7 +67,7 @@ def test_all_gates_open_equals_the_original(gate, batch):
     x = torch.randn(batch, 3, size, size)
     with torch.no_grad():
         assert_close(dyn(x), model(x))
-    assert dyn.last_kept.all()
+    assert dyn.last_decisions.all()
 
 
 def test_skipped_blocks_really_do_not_run():
@@ -81,8 +81,8 @@ def test_skipped_blocks_really_do_not_run():
         dyn(torch.randn(1, 3, size, size))
     for i, droppable in enumerate(dyn.droppable):
         assert calls[i] == (0 if droppable else 2)
-    assert not dyn.last_kept.any()
-    assert float(dyn.sample_flops(dyn.last_kept)[0]) < 0.2 * dyn.static_flops()
+    assert not dyn.last_decisions.any()
+    assert float(dyn.sample_flops(dyn.last_decisions)[0]) < 0.2 * dyn.static_flops()
 
 
 def test_skipped_blocks_do_not_run_in_the_flat_runners_either():
@@ -120,12 +120,12 @@ def test_sub_batches_equal_running_each_sample_alone(gate, channels_last, settle
         for offset in torch.linspace(-3, 3, 25):  # find a bias that gives mixed decisions
             dyn.dyn.bias.fill_(float(offset))
             batched = dyn.route(x)
-            if 0.2 < batched.kept.float().mean() < 0.8:
+            if 0.2 < batched.decisions.float().mean() < 0.8:
                 break
-        assert 0 < batched.kept.float().mean() < 1, "the test needs mixed decisions"
+        assert 0 < batched.decisions.float().mean() < 1, "the test needs mixed decisions"
         for i in range(len(x)):
             alone = dyn.route(x[i : i + 1])
-            assert torch.equal(alone.kept[0], batched.kept[i])
+            assert torch.equal(alone.decisions[0], batched.decisions[i])
             assert_close(alone.logits[0], batched.logits[i], atol=1e-5, rtol=1e-5)
 
 
@@ -166,7 +166,7 @@ def assert_same_routes(dyn, loaded):
     x = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
         a, b = dyn.route(x), loaded.route(x)
-    assert torch.equal(a.kept, b.kept)
+    assert torch.equal(a.decisions, b.decisions)
     assert_close(a.logits, b.logits)
 
 
@@ -184,7 +184,7 @@ def test_skipped_form_leaves_its_input_alone_before_an_in_place_activation():
 
 
 def test_flops_of_a_module_that_views_a_parameter():
-    from dynconvert.convert.costs import count_flops
+    from dynconvert.toolkit.costs import count_flops
 
     class Latent(torch.nn.Module):
         def __init__(self):
@@ -202,8 +202,8 @@ def test_flops_of_a_module_that_views_a_parameter():
 
 def test_calibration_out_of_budget_keeps_the_most_accurate_point_and_says_so(caplog):
     """A tuned backbone can miss the budget at every offset: the run keeps going, the report says so."""
-    from dynconvert.convert.data import ImageSplit, Preprocess
     from dynconvert.strategies.block_skip_common import calibrate_bias
+    from dynconvert.toolkit.data import ImageSplit, Preprocess
 
     model, dyn, size = prepared()
     torch.manual_seed(0)
@@ -261,12 +261,12 @@ def test_settled_blocks_follow_their_fixed_decision_without_computing_their_gate
     with torch.no_grad():
         dyn(torch.randn(3, 3, size, size))
     assert gate_calls == [1] and not unit_calls
-    assert dyn.last_kept[:, 0].logical_not().all() and dyn.last_kept[:, 2:].all()
+    assert dyn.last_decisions[:, 0].logical_not().all() and dyn.last_decisions[:, 2:].all()
 
 
 def test_partial_backbone_tuning_is_saved_and_leaves_the_original_alone(tiny_data, tiny_weights, tmp_path):
     out = tmp_path / "out"
-    dyn = tiny_skipnet(tiny_data, tiny_weights, out, train__tune_backbone=["layer3.2"], train__backbone_lr=0.01)
+    dyn = tiny_skipnet(tiny_data, tiny_weights, out, options__tune_backbone=["layer3.2"], options__backbone_lr=0.01)
     original = torch.load(tiny_weights)
     tuned_unit = dyn.plan["units"].index("layer3.2")
     assert dyn.plan["replay"]["tuned"] == [tuned_unit]

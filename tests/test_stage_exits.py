@@ -79,7 +79,7 @@ def test_exit_stops_the_backbone(prepare_early_exit):
     dyn.dyn.thresholds.fill_(0.0)  # every sample leaves at the first exit
     with torch.no_grad():
         routed = dyn.route(torch.randn(3, 3, 16, 16))
-    assert routed.exits.tolist() == [0, 0, 0]
+    assert routed.decisions.tolist() == [0, 0, 0]
     assert last_stage_calls == [], "the backbone ran on after every sample had exited"
 
 
@@ -92,8 +92,8 @@ def test_batch_routing_equals_per_sample_routing(prepare_early_exit):
         dyn.dyn.thresholds.copy_(conf.median(1).values)  # a mix of exits
         batched = dyn.route(x)
         single = [dyn.route(x[i : i + 1]) for i in range(len(x))]
-    assert len(set(batched.exits.tolist())) > 1
-    assert batched.exits.tolist() == [s.exits.item() for s in single]
+    assert len(set(batched.decisions.tolist())) > 1
+    assert batched.decisions.tolist() == [s.decisions.item() for s in single]
     assert_close(batched.logits, torch.cat([s.logits for s in single]), **LOOSE)
 
 
@@ -109,13 +109,13 @@ def test_save_load_round_trip(prepare_early_exit, tmp_path):
         model="cifar_resnet20", overrides={"model.pretrained": False, "options.fractions": [0.2, 0.5, 0.8]}
     )
     dyn.base_info = {"num_classes": 4}
-    dyn.save(tmp_path / "saved")
+    dynconvert.save(dyn, tmp_path / "saved")
     loaded = dynconvert.load(tmp_path / "saved", model=model)
     assert isinstance(loaded, StageExitModel) and loaded.points == dyn.points
     x = torch.randn(6, 3, 16, 16)
     with torch.no_grad():
         a, b = dyn.route(x), loaded.route(x)
-    assert torch.equal(a.exits, b.exits)
+    assert torch.equal(a.decisions, b.decisions)
     assert_close(a.logits, b.logits, rtol=0, atol=0)
 
 

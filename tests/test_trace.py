@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from dynconvert.convert.trace import trace
 from dynconvert.errors import DynconvertError
 from dynconvert.runtime.early_exit import EarlyExitModel
+from dynconvert.toolkit.trace import trace
 
 
 class Residual(nn.Module):

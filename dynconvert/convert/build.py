@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 import dynconvert.models  # noqa: F401  (registers the CIFAR ResNets)
+from dynconvert.config import ModelConfig
 from dynconvert.errors import DynconvertError
-from dynconvert.recipe import ModelConfig
 
 log = logging.getLogger(__name__)
 

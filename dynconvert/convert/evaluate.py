@@ -8,9 +8,9 @@ import time
 import torch
 from torch import nn
 
-from dynconvert.convert.data import ImageSplit, Preprocess, normalize
-from dynconvert.convert.train import batches
 from dynconvert.progress import progress_bar
+from dynconvert.toolkit.data import ImageSplit, Preprocess, normalize
+from dynconvert.toolkit.train import batches
 
 
 @torch.inference_mode()
@@ -37,7 +37,7 @@ def evaluate_dynamic(dyn, split: ImageSplit, prep: Preprocess, batch_size: int, 
     ):
         routed = dyn.route(images)
         correct += int((routed.logits.argmax(1) == labels).sum())
-        records.append(dyn.decision_record(routed).cpu())
+        records.append(routed.decisions.cpu())
     records = torch.cat(records)
     return {
         "accuracy": correct / len(split),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 import random
 import time
@@ -14,18 +13,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from dynconvert.convert import distributed
+from dynconvert.config import Recipe
 from dynconvert.convert.build import build_model, file_sha256
-from dynconvert.convert.checkpoint import CHECKPOINT, Checkpointer, work_folder
-from dynconvert.convert.data import Preprocess, load_conversion_data
 from dynconvert.convert.evaluate import evaluate_dynamic, evaluate_static, measure_latency
 from dynconvert.convert.report import build_report, plot_report
 from dynconvert.convert.save import save_dynamic, versions
-from dynconvert.convert.train import NonFiniteLoss
 from dynconvert.errors import DynconvertError
 from dynconvert.files import folder_replaced_on_success, write_json
-from dynconvert.recipe import Recipe, build_recipe, strategy_config
+from dynconvert.recipe import build_recipe
 from dynconvert.strategies import get_strategy
+from dynconvert.toolkit import distributed
+from dynconvert.toolkit.checkpoint import CHECKPOINT, Checkpointer, work_folder
+from dynconvert.toolkit.data import Preprocess, load_conversion_data
+from dynconvert.toolkit.train import NonFiniteLoss
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +48,22 @@ def check_output(out: str | Path | None, force: bool) -> Path | None:
 
 
 def default_output(recipe: Recipe) -> Path:
-    """``./dynconvert-out/<model>-<strategy>``."""
-    return Path("dynconvert-out") / f"{recipe.model.name}-{recipe.strategy}"
+    """``./dynconvert-out/<model>-<strategy>`` (models joined by ``+``)."""
+    names = "+".join(m.name for m in recipe.model_configs())
+    return Path("dynconvert-out") / f"{names}-{recipe.strategy}"
 
 
 def convert_recipe(
     recipe: Recipe,
-    model: nn.Module | None = None,
+    model: nn.Module | list[nn.Module] | None = None,
     out: str | Path | None = None,
     force: bool = False,
     resume: bool = False,
 ):
     """Run one conversion as ``recipe`` describes; return the dynamic model (with ``.report``).
 
-    ``model`` replaces building ``recipe.model.name`` with timm (for a user's own module).
+    ``model`` replaces building the recipe's model(s) with timm (a user's own module, or a list
+    of them in the recipe's order).
     When ``out`` is given the recipe, model, report.json and report.png are written there, and
     training checkpoints into ``OUT.resume/`` until then; ``resume`` continues from the last
     checkpoint there (a run that stopped on a signal, an error or a crash), or starts afresh
@@ -75,20 +77,24 @@ def convert_recipe(
         distributed.shutdown(created_group)
 
 
-def _convert(recipe: Recipe, model: nn.Module | None, out, force: bool, resume: bool):
+def _convert(recipe: Recipe, model, out, force: bool, resume: bool):
     started = time.perf_counter()
     recipe_sha256 = hashlib.sha256(recipe.to_yaml().encode()).hexdigest()
     checkpointer = open_checkpointer(out, force, resume, recipe_sha256)
     out_dir = None if out is None else Path(out)
     seed_everything(recipe.seed)
-    strategy = get_strategy(recipe.strategy)
-    config = strategy_config(recipe, strategy)
+    strategy = get_strategy(recipe.strategy).from_options(recipe.options)
+    configs = recipe.model_configs()
     if model is None:
-        model = build_model(recipe.model)
-    model = model.to(recipe.device).eval()
-    prep = Preprocess.from_model(model)
+        models = [build_model(config) for config in configs]
+    else:
+        models = list(model) if isinstance(model, (list, tuple)) else [model]
+    strategy.check_models(len(models))
+    models = [m.to(recipe.device).eval() for m in models]
+    # the last model is the reference: the static accuracy, the FLOPs ratio and the input are its
+    prep = Preprocess.from_model(models[-1])
     data = load_conversion_data(recipe.data, prep, recipe.seed)
-    num_classes = _num_classes(model)
+    num_classes = _num_classes(models[-1])
     if num_classes is not None and num_classes < data.num_classes:
         raise DynconvertError(
             f"the data set has {data.num_classes} classes but the model predicts {num_classes}; "
@@ -96,15 +102,11 @@ def _convert(recipe: Recipe, model: nn.Module | None, out, force: bool, resume: 
         )
     num_classes = num_classes or data.num_classes
     example = torch.randn(2, *prep.input_size, device=recipe.device)
-    dyn = strategy.prepare(model, recipe, config, example, num_classes).to(recipe.device)
+    dyn = strategy.prepare(models, recipe, example, num_classes).to(recipe.device)
     dyn.recipe, dyn.preprocess = recipe, prep
-    dyn.base_info = {
-        "model": recipe.model.name,
-        "weights": str(Path(recipe.model.weights).resolve()) if recipe.model.weights else None,
-        "weights_sha256": file_sha256(recipe.model.weights) if recipe.model.weights else None,
-        "num_classes": num_classes,
-    }
-    fitted = _fit(strategy, dyn, data, prep, recipe, config, checkpointer)
+    dyn.base_info = base_info(configs, num_classes)
+    model = models[-1]
+    fitted = _fit(strategy, dyn, data, prep, recipe, checkpointer)
     static = evaluate_static(model, data.evaluation, prep, recipe.data.batch_size, recipe.device)
     dynamic = evaluate_dynamic(dyn, data.evaluation, prep, recipe.data.batch_size, recipe.device)
     latency = measure_latency(model, dyn, data.evaluation, prep, recipe.evaluate.latency_samples, recipe.device)
@@ -116,7 +118,7 @@ def _convert(recipe: Recipe, model: nn.Module | None, out, force: bool, resume: 
         "calibration_samples": len(data.calibration),
     }
     extra = {
-        "model": recipe.model.name,
+        "model": "+".join(c.name for c in configs),
         "strategy": recipe.strategy,
         "plan": dyn.plan,
         "inserted_flops": dyn.inserted_flops(),
@@ -158,12 +160,30 @@ def open_checkpointer(out: str | Path | None, force: bool, resume: bool, recipe_
     return checkpointer
 
 
-def _fit(strategy, dyn, data, prep, recipe: Recipe, config, checkpointer: Checkpointer) -> dict:
-    """``strategy.fit``, with checkpoints for strategies whose ``fit`` takes a checkpointer."""
-    kwargs = {"checkpointer": checkpointer} if "checkpointer" in inspect.signature(strategy.fit).parameters else {}
+def base_info(configs, num_classes: int) -> dict:
+    """What the saved model records of its base network(s): name, weights file and its sha256.
+
+    One model keeps the flat form (``model``, ``weights``, ``weights_sha256``); several are
+    listed under ``models`` in the recipe's order.
+    """
+    bases = [
+        {
+            "model": c.name,
+            "weights": str(Path(c.weights).resolve()) if c.weights else None,
+            "weights_sha256": file_sha256(c.weights) if c.weights else None,
+        }
+        for c in configs
+    ]
+    info = dict(bases[0]) if len(bases) == 1 else {"models": bases}
+    info["num_classes"] = num_classes
+    return info
+
+
+def _fit(strategy, dyn, data, prep, recipe: Recipe, checkpointer: Checkpointer) -> dict:
+    """``strategy.fit`` under the checkpointer's signal handling."""
     try:
         with checkpointer.catch_signals():
-            return strategy.fit(dyn, data, prep, recipe, config, **kwargs)
+            return strategy.fit(dyn, data, prep, recipe, checkpointer)
     except NonFiniteLoss as exc:
         raise DynconvertError(f"{exc}; {checkpointer.describe()}") from None
 
@@ -231,36 +251,42 @@ def _num_classes(model: nn.Module) -> int | None:
 
 
 def convert(
-    model: str | nn.Module,
+    model: str | nn.Module | list,
     strategy: str = "early-exit",
     data: str | None = None,
     recipe: str | None = None,
     out: str | Path | None = None,
     force: bool = False,
     resume: bool = False,
+    weights: str | list[str] | None = None,
     **overrides: Any,
 ):
-    """Convert a static network into a dynamic one.
+    """Convert a static network (or, for a cascade, several) into a dynamic one.
 
     Args:
         model: a timm model name, or an ``nn.Module`` torch.fx can trace (then set
-            ``model_name`` in ``overrides`` or accept ``"custom"``).
+            ``model_name`` in ``overrides`` or accept its class name); a list of names or of
+            modules, cheapest first, for a strategy that combines models.
         strategy: a registered strategy name (see ``dynconvert.list_strategies()``).
         data: a local folder ``datasets.load_dataset`` understands, or a hub name.
         recipe: a built-in recipe name or a YAML file; defaults to the model family's one.
         out: where to write recipe.yaml, model/, report.json and report.png (nothing if None).
         force: replace a non-empty ``out``.
         resume: continue an interrupted conversion to ``out`` from its last checkpoint.
+        weights: local checkpoint(s), one per model in the same order.
         overrides: recipe fields, as sections (``train={"epochs": 3}``) or dotted names
             written with double underscores (``train__epochs=3``).
 
-    Returns the dynamic model; ``.report`` holds the report, ``.route(x)`` the exits taken.
+    Returns the dynamic model; ``.report`` holds the report, ``.route(x)`` the decisions taken.
 
     Example::
 
-        dyn = dynconvert.convert("cifar_resnet56", data="cifar10", model__weights="r56.th")
+        dyn = dynconvert.convert("cifar_resnet56", data="cifar10", weights="r56.th")
     """
-    name = model if isinstance(model, str) else overrides.pop("model_name", type(model).__name__)
+    items = list(model) if isinstance(model, (list, tuple)) else [model]
+    label = overrides.pop("model_name", None)
+    names = [m if isinstance(m, str) else (label or type(m).__name__) for m in items]
+    modules = None if all(isinstance(m, str) for m in items) else items
     flat: dict[str, Any] = {}
     for key, value in overrides.items():
         if isinstance(value, dict):
@@ -269,8 +295,10 @@ def convert(
             flat[key.replace("__", ".")] = value
     if data is not None:
         flat["data.path"] = data
-    resolved = build_recipe(recipe, name, strategy, flat)
-    return convert_recipe(resolved, None if isinstance(model, str) else model, out, force, resume)
+    if weights is not None:
+        weights = [str(w) for w in ([weights] if isinstance(weights, (str, Path)) else weights)]
+    resolved = build_recipe(recipe, names if len(names) > 1 else names[0], strategy, flat, weights)
+    return convert_recipe(resolved, modules, out, force, resume)
 
 
 def _flatten_dict(d: dict, prefix: str = "") -> dict:

@@ -4,16 +4,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dynconvert.convert.costs import FLOPS_DEFINITION
 from dynconvert.files import replaced_on_success
+from dynconvert.toolkit.costs import FLOPS_DEFINITION
 
 
 def build_report(static: dict, dynamic: dict, static_flops: float, splits: dict, extra: dict) -> dict:
-    """Assemble the report dictionary from the static and dynamic evaluations."""
+    """Assemble the report dictionary from the static and dynamic evaluations.
+
+    Besides the loss against the static model, the loss against the most accurate point of the
+    conversion's own sweep on the evaluation split (``accuracy_drop_vs_best_point``): fitted
+    parts can beat the original on a data set it was not trained on, which would hide what
+    the decisions cost. Labelled points of that sweep (a cascade's models alone) are compared
+    one by one (``accuracy_drop_vs_labelled``).
+    """
+    sweep = extra.get("sweep_on_evaluation") or []
+    curve = [p["accuracy"] for p in sweep if "label" not in p]
+    labelled = {p["label"]: p["accuracy"] - dynamic["accuracy"] for p in sweep if "label" in p}
     return {
         "static": {"accuracy": static["accuracy"], "flops": static_flops},
         "dynamic": {k: v for k, v in dynamic.items() if k not in ("samples", "decisions")},
         "accuracy_change": dynamic["accuracy"] - static["accuracy"],
+        "accuracy_drop_vs_best_point": max([*curve, static["accuracy"]]) - dynamic["accuracy"],
+        **({"accuracy_drop_vs_labelled": labelled} if labelled else {}),
         "flops_ratio": dynamic["flops"] / static_flops,
         "evaluated_samples": dynamic["samples"],
         "splits": splits,
@@ -31,7 +43,10 @@ def plot_report(path: Path, report: dict, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    curve = report.get("sweep_on_evaluation") or []
+    points = report.get("sweep_on_evaluation") or []
+    curve = [p for p in points if "label" not in p]
+    for p, marker in zip([p for p in points if "label" in p], "o^vD<>ph"):
+        ax.plot([p["flops_ratio"]], [100 * p["accuracy"]], marker, color="tab:green", label=p["label"])
     if curve:
         ax.plot(
             [p["flops_ratio"] for p in curve],

@@ -14,8 +14,12 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dynconvert.config import Recipe
 from dynconvert.errors import DynconvertError
 from dynconvert.files import folder_replaced_on_success
+from dynconvert.runtime.dynamic import DynamicModel
+from dynconvert.strategies import get_strategy
+from dynconvert.toolkit.data import Preprocess
 
 FORMAT_VERSION = 1
 STATE_FILE = "dynamic.safetensors"
@@ -27,21 +31,20 @@ def versions() -> dict[str, str]:
     """Versions of the libraries a result depends on."""
     import timm
 
-    from dynconvert import __version__
+    from dynconvert.version import __version__
 
     return {"dynconvert": __version__, "torch": torch.__version__, "timm": timm.__version__}
 
 
-def save_dynamic(dyn: nn.Module, folder: str | Path) -> Path:
+def save_dynamic(dyn: DynamicModel, folder: str | Path) -> Path:
     """Write ``dyn`` to ``folder``: recipe.yaml, meta.json and dynamic.safetensors.
 
     Files go to a staging folder first and are moved into place at the end; a failed save
-    leaves ``folder`` as it was.
+    leaves ``folder`` as it was. Example: ``dynconvert.save(dyn, "saved/")``.
     """
     folder = Path(folder)
     with folder_replaced_on_success(folder) as tmp:
-        state = {k: v.detach().cpu().contiguous() for k, v in dyn.state_dict().items() if k.startswith("dyn.")}
-        save_file(state, str(tmp / STATE_FILE))
+        save_file(dyn.inserted_state(), str(tmp / STATE_FILE))
         meta = {
             "format_version": FORMAT_VERSION,
             "strategy": dyn.recipe.strategy,
@@ -56,18 +59,26 @@ def save_dynamic(dyn: nn.Module, folder: str | Path) -> Path:
     return folder
 
 
-def load_dynamic(folder: str | Path, model: nn.Module | None = None, device: str = "cpu") -> nn.Module:
+def _bases(base_info: dict) -> list[dict]:
+    """The recorded base networks, one entry each (a single model is stored flat)."""
+    return base_info.get("models") or [base_info]
+
+
+def load_dynamic(
+    folder: str | Path, model: nn.Module | list[nn.Module] | None = None, device: str = "cpu"
+) -> DynamicModel:
     """Rebuild a saved dynamic model.
 
     Args:
         folder: what :func:`save_dynamic` wrote (or a conversion's output folder).
-        model: the static base network, for conversions of a user's own module; timm models
-            are rebuilt from the recipe (weights from the recorded file, checked by hash).
+        model: the static base network (a list for several), for conversions of a user's own
+            module; timm models are rebuilt from the recipe (weights from the recorded file,
+            checked by hash).
+        device: where the model goes.
     """
     from dynconvert.convert.build import build_model, file_sha256
-    from dynconvert.convert.data import Preprocess
-    from dynconvert.recipe import Recipe, from_dict, strategy_config
-    from dynconvert.strategies import get_strategy
+    from dynconvert.convert.pipeline import seed_everything
+    from dynconvert.recipe import from_dict
 
     folder = Path(folder)
     if (folder / "model" / META_FILE).is_file():
@@ -80,42 +91,29 @@ def load_dynamic(folder: str | Path, model: nn.Module | None = None, device: str
     recipe = from_dict(Recipe, yaml.safe_load((folder / RECIPE_FILE).read_text()), source=str(folder / RECIPE_FILE))
     base_info = meta["base"]
     if model is None:
-        weights = base_info.get("weights")
-        if weights and Path(weights).is_file() and file_sha256(weights) != base_info.get("weights_sha256"):
-            raise DynconvertError(f"base weights '{weights}' changed since the model was saved (sha256 differs)")
-        from dynconvert.convert.pipeline import seed_everything
-
+        for base in _bases(base_info):
+            weights = base.get("weights")
+            if weights and Path(weights).is_file() and file_sha256(weights) != base.get("weights_sha256"):
+                raise DynconvertError(f"base weights '{weights}' changed since the model was saved (sha256 differs)")
         seed_everything(recipe.seed)  # a randomly initialised base is rebuilt as it was built
-        model = build_model(recipe.model)
-    strategy = get_strategy(meta["strategy"])
-    config = strategy_config(recipe, strategy)
-    prep = Preprocess.from_model(model)
+        models = [build_model(config) for config in recipe.model_configs()]
+    else:
+        models = list(model) if isinstance(model, (list, tuple)) else [model]
+    strategy = get_strategy(meta["strategy"]).from_options(recipe.options)
+    prep = Preprocess.from_model(models[-1])
     if meta.get("input_size"):  # the size the conversion ran at (inserted heads depend on it)
         prep.input_size = tuple(meta["input_size"])
     example = torch.randn(2, *prep.input_size)
-    dyn = strategy.prepare(model, recipe, config, example, base_info["num_classes"], **meta["plan"]["replay"])
+    dyn = strategy.prepare(models, recipe, example, base_info["num_classes"], **meta["plan"]["replay"])
     try:
         state = load_file(str(folder / STATE_FILE))
     except Exception as exc:
         raise DynconvertError(f"'{folder / STATE_FILE}' could not be read ({exc})") from None
-    missing, unexpected = _load_inserted(dyn, state)
+    try:
+        missing, unexpected = dyn.load_inserted_state(state)
+    except ValueError as exc:
+        raise DynconvertError(f"{exc}: the base model or its input size differ from the conversion's") from None
     if missing or unexpected:
         raise DynconvertError(f"saved state does not fit the rebuilt model: missing {missing}, unexpected {unexpected}")
     dyn.recipe, dyn.base_info, dyn.preprocess = recipe, base_info, prep
     return dyn.to(device).eval()
-
-
-def _load_inserted(dyn: nn.Module, state: dict) -> tuple[list[str], list[str]]:
-    own = {k: v for k, v in dyn.state_dict().items() if k.startswith("dyn.")}
-    missing = sorted(own.keys() - state.keys())
-    unexpected = sorted(state.keys() - own.keys())
-    wrong = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
-    if wrong:
-        k = wrong[0]
-        raise DynconvertError(
-            f"saved tensor '{k}' has shape {tuple(state[k].shape)}, the rebuilt model expects "
-            f"{tuple(own[k].shape)}: the base model or its input size differ from the conversion's"
-        )
-    if not missing and not unexpected:
-        dyn.load_state_dict(state, strict=False)
-    return missing, unexpected

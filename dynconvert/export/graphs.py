@@ -9,13 +9,11 @@ import copy
 import torch
 from torch import nn
 
-from dynconvert.errors import DynconvertError
 from dynconvert.export.frozen import frozen_copy
 from dynconvert.export.layout import prepare_layout
 from dynconvert.runtime.block_skip import BlockSkipModel, walk_units
 from dynconvert.runtime.confidence import confidence
 from dynconvert.runtime.early_exit import EarlyExitModel
-from dynconvert.runtime.stage_exits import StageExitModel
 
 FORMS = ("gather", "cond")
 
@@ -54,6 +52,8 @@ class EarlyExitGraph(nn.Module):
     "any sample left", so a batch that has fully exited stops there.
     Exits whose threshold is above 1 can never be taken and are left out of the graph.
     """
+
+    output_names = ("logits", "exits")
 
     def __init__(self, dyn: EarlyExitModel, example: torch.Tensor, form: str = "gather"):
         super().__init__()
@@ -184,6 +184,8 @@ class BlockSkipGraph(nn.Module):
     the whole batch), and only a mixed batch pays for the gathers.
     """
 
+    output_names = ("logits", "kept")
+
     def __init__(self, dyn: BlockSkipModel, example: torch.Tensor, form: str = "gather"):
         super().__init__()
         if form not in FORMS:
@@ -260,27 +262,3 @@ class BlockSkipGraph(nn.Module):
             return torch.cond(score.max() >= 0, mixed, lambda h, score: skipped(h), (h, score))
 
         return torch.cond(score.min() >= 0, lambda h, score: full(h), some_or_none, (h, score))
-
-
-# The form each strategy exports in by default: measured in onnxruntime on cifar_resnet56
-# (docs/export.md, bench/export.py).
-DEFAULT_FORMS = {EarlyExitModel: "cond", BlockSkipModel: "cond"}
-
-
-def check_exportable(dyn: nn.Module) -> None:
-    """Raise a ``DynconvertError`` for dynamic models that have no ONNX form."""
-    if isinstance(dyn, StageExitModel):
-        raise DynconvertError(
-            "this early-exit model hangs its exits on forward hooks (the feature_info fallback: its "
-            "graph could not be cut into segments), and hooks cannot be exported to ONNX"
-        )
-
-
-def export_graph(dyn: nn.Module, example: torch.Tensor, form: str | None = None) -> nn.Module:
-    """The export-friendly module of a dynamic model; ``form`` None picks the strategy's default."""
-    check_exportable(dyn)
-    for kind, default in DEFAULT_FORMS.items():
-        if isinstance(dyn, kind):
-            graph_class = EarlyExitGraph if kind is EarlyExitModel else BlockSkipGraph
-            return graph_class(dyn, example, form or default).eval()
-    raise TypeError(f"no ONNX export for {type(dyn).__name__}")

@@ -13,13 +13,11 @@ from torch import nn
 
 from dynconvert.errors import DynconvertError
 from dynconvert.export.check import check_batches, check_onnx
-from dynconvert.export.graphs import check_exportable, export_graph
 from dynconvert.export.layout import prepare_layout
 from dynconvert.files import replaced_on_success, write_json
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 4096
-OUTPUT_NAMES = {"EarlyExitGraph": ["logits", "exits"], "BlockSkipGraph": ["logits", "kept"]}
 
 
 def check_path(path: Path) -> Path:
@@ -27,46 +25,33 @@ def check_path(path: Path) -> Path:
     return path.with_name(path.name + ".check.json")
 
 
-def export_onnx(
+def export_dynamic_onnx(
     dyn: nn.Module,
+    graph: nn.Module,
     path: str | Path,
     *,
-    form: str | None = None,
     images: torch.Tensor | None = None,
     random_inputs: int = 64,
     overwrite: bool = False,
 ) -> dict:
-    """Export ``dyn`` to ONNX at ``path`` (batch dimension dynamic) and check it.
-
-    The graph returns ``logits`` and the decisions (``exits`` per sample, or ``kept`` per
-    sample and block) and computes nothing for exited samples or skipped blocks (see
-    docs/export.md; ``form`` ``"gather"`` or ``"cond"``, None for the strategy's default).
-    The check runs ``images`` (normalized; None: the evaluation split of the model's recipe
-    when it can be read) and ``random_inputs`` random inputs through onnxruntime and
-    PyTorch and writes its report to ``PATH.check.json``. Returns the report.
+    """Export ``graph`` (the export form of ``dyn``, returning ``(logits, decisions)`` and naming
+    them in ``graph.output_names``) to ONNX at ``path``, batch dimension dynamic, and check it
+    against ``dyn.route`` on ``images`` (normalized; None: random inputs only) and
+    ``random_inputs`` random inputs in onnxruntime. The report goes to ``PATH.check.json`` and is
+    returned. ``dynconvert.export_onnx`` is the public entry, which picks the graph and images.
 
     Raises DynconvertError when a file exists and ``overwrite`` is false, when export fails, or
     when the check fails (then no model is written; the report still is).
-
-    Example: ``dynconvert.export_onnx(dynconvert.load("out/"), "out/model.onnx")``
     """
-    check_exportable(dyn)
     path = Path(path)
     report_path = check_path(path)
     for existing in (path, report_path):
         if existing.exists() and not overwrite:
             raise DynconvertError(f"'{existing}' exists; pass overwrite=True (--force) to replace it")
-    dyn = dyn.eval()
     input_size = _input_size(dyn, images)
-    if images is None:
-        images = _evaluation_images(dyn)
     example = images[:2] if images is not None and len(images) >= 2 else torch.randn(2, *input_size)
-    try:
-        graph = export_graph(dyn, example[:1], form)
-    except (TypeError, ValueError) as exc:
-        raise DynconvertError(str(exc)) from None
     with replaced_on_success(path) as tmp:  # a model that fails its check is not written
-        export_module(graph, example, tmp, OUTPUT_NAMES[type(graph).__name__])
+        export_module(graph, example, tmp, list(graph.output_names))
         batches = check_batches(images, random_inputs, input_size)
         try:
             report = check_onnx(tmp, dyn, batches)
@@ -79,18 +64,23 @@ def export_onnx(
     return report
 
 
+def input_size_of(dyn: nn.Module, images: torch.Tensor | None) -> tuple[int, ...]:
+    """The per-sample input shape: that of ``images``, else the one the model was converted at."""
+    return _input_size(dyn, images)
+
+
 def export_static_onnx(
     model: nn.Module, path: str | Path, example: torch.Tensor, *, overwrite: bool = False, prepare: bool = True
 ) -> Path:
     """Export a static network to ONNX (batch dimension dynamic, output ``logits``) the way
-    :func:`export_onnx` exports the dynamic ones: traced with torch.fx and prepared for
+    ``dynconvert.export_onnx`` exports the dynamic ones: traced with torch.fx and prepared for
     onnxruntime's blocked convolution layout (see ``dynconvert.export.layout``), so the two
     are compared like for like. A network torch.fx cannot trace is exported as it is, and so
     is every network with ``prepare=False`` (torch.onnx.export alone, for comparison).
 
     Raises DynconvertError when ``path`` exists and ``overwrite`` is false, or when export fails.
     """
-    from dynconvert.convert.trace import trace
+    from dynconvert.toolkit.trace import trace
 
     path = Path(path)
     if path.exists() and not overwrite:
@@ -168,22 +158,6 @@ def _input_size(dyn: nn.Module, images: torch.Tensor | None) -> tuple[int, ...]:
     return tuple(prep.input_size)
 
 
-def _evaluation_images(dyn: nn.Module, limit: int = 512) -> torch.Tensor | None:
-    """The evaluation split of the model's recipe (normalized), or None when it cannot be read."""
-    recipe, prep = getattr(dyn, "recipe", None), getattr(dyn, "preprocess", None)
-    if recipe is None or prep is None or not recipe.data.path:
-        log.warning("no data set recorded with the model: the ONNX check uses random inputs only")
-        return None
-    from dynconvert.convert.data import load_conversion_data, normalize
-
-    try:
-        split = load_conversion_data(recipe.data, prep, recipe.seed).evaluation
-    except DynconvertError as exc:
-        log.warning("the ONNX check uses random inputs only: %s", exc)
-        return None
-    return normalize(split.images[:limit], prep)
-
-
 def _describe(dyn: nn.Module, graph: nn.Module) -> dict:
     import onnxruntime
 
@@ -192,6 +166,6 @@ def _describe(dyn: nn.Module, graph: nn.Module) -> dict:
         "model": recipe.model.name if recipe is not None else type(dyn).__name__,
         "strategy": recipe.strategy if recipe is not None else None,
         "form": graph.form,
-        "outputs": OUTPUT_NAMES[type(graph).__name__],
+        "outputs": list(graph.output_names),
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
     }

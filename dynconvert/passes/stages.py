@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dynconvert.convert.costs import flops_at_modules
 from dynconvert.passes.analysis import CutPoint
+from dynconvert.toolkit.costs import flops_at_modules
 
 
 def feature_info_modules(model: nn.Module) -> list[str]:

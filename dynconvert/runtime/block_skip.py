@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynconvert.runtime.dynamic import DynamicModel, Routed
 from dynconvert.runtime.flat_graph import FlatRunners
-from dynconvert.runtime.modules import route_for_forward
 from dynconvert.runtime.rows import memory_format_of, rows_where, select_rows
-
-
-@dataclass
-class Decisions:
-    """Logits, and per sample and droppable block whether the block ran."""
-
-    logits: torch.Tensor
-    kept: torch.Tensor  # (batch, blocks) bool
 
 
 def run_sub_batches(full: nn.Module, skipped: nn.Module, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -83,7 +73,7 @@ def _run_block(full: nn.Module, skipped: nn.Module, h: torch.Tensor, keep: torch
     return run_sub_batches(full, skipped, h, keep)
 
 
-class BlockSkipModel(nn.Module):
+class BlockSkipModel(DynamicModel):
     """A backbone cut into units; droppable units run or are skipped per sample.
 
     Args:
@@ -121,7 +111,6 @@ class BlockSkipModel(nn.Module):
         if corrections:
             # the skipped forms call these same modules; under dyn. they are trained and saved
             self.dyn.corrections = nn.ModuleDict({str(i): m for i, m in corrections.items()})
-        self.last_kept: torch.Tensor | None = None
         # per droppable block: 1 runs for every sample, -1 for none, 0 as decided (see settle)
         self.settled: list[int] = [0] * self.num_blocks
         self._unit_runners, self._skipped_runners = FlatRunners(), FlatRunners()
@@ -159,13 +148,7 @@ class BlockSkipModel(nn.Module):
         base = self.static_flops() + self.controller_flops - float(savings.sum())
         return base + kept.to(dtype) @ savings
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits with blocks skipped (``last_kept`` keeps the decisions); in eval mode, under inference mode."""
-        decisions = route_for_forward(self, x)
-        self.last_kept = decisions.kept
-        return decisions.logits
-
-    def route(self, x: torch.Tensor) -> Decisions:
+    def route(self, x: torch.Tensor) -> Routed:
         """Run with hard decisions; a skipped block does not run for that sample."""
         if x.shape[0] == 1:
             if getattr(self.dyn.controller, "decides_at_start", False):
@@ -178,9 +161,9 @@ class BlockSkipModel(nn.Module):
 
         h, kept = self._walk(x, hard, honour_settled=True, parts=self.runners())
         kept_matrix = torch.stack(kept, 1) if kept else x.new_zeros((x.shape[0], 0), dtype=torch.bool)
-        return Decisions(h, kept_matrix)
+        return Routed(h, kept_matrix)
 
-    def _route_one(self, x: torch.Tensor) -> Decisions:
+    def _route_one(self, x: torch.Tensor) -> Routed:
         """:meth:`route` for one sample when the controller decides every block from the input
         (a policy network): its decisions are read once, as Python booleans, rather than one
         tensor comparison per block; with every block settled the controller does not run."""
@@ -188,9 +171,9 @@ class BlockSkipModel(nn.Module):
         if not all(self.settled):
             logits = self.dyn.controller.start(x) + self.dyn.bias
             keeps = [k if fixed else bool(v >= 0) for k, fixed, v in zip(keeps, self.settled, logits[0].tolist())]
-        return Decisions(self.run_fixed(x, keeps), torch.tensor([keeps], dtype=torch.bool, device=x.device))
+        return Routed(self.run_fixed(x, keeps), torch.tensor([keeps], dtype=torch.bool, device=x.device))
 
-    def _route_one_stepwise(self, x: torch.Tensor) -> Decisions:
+    def _route_one_stepwise(self, x: torch.Tensor) -> Routed:
         """:meth:`route` for one sample when the controller decides block by block (gates): each
         decision is read as a Python number as the walk reaches its block, and the record is made
         once at the end, not as a tensor per block. Settled blocks ask no gate (a recurrent gate
@@ -219,7 +202,7 @@ class BlockSkipModel(nn.Module):
             return fixed > 0 if fixed else logit + bias[index] >= 0
 
         h, keeps = self._run_deciding(x, decide)
-        return Decisions(h, torch.tensor([keeps], dtype=torch.bool, device=x.device))
+        return Routed(h, torch.tensor([keeps], dtype=torch.bool, device=x.device))
 
     def run_fixed(self, x: torch.Tensor, keeps: list[bool], parts=None) -> torch.Tensor:
         """The network with the same decisions for every sample, one Python bool per droppable
@@ -271,7 +254,7 @@ class BlockSkipModel(nn.Module):
         rates = kept.float().mean(0)
         self.settled = [1 if r == 1.0 else -1 if r == 0.0 else 0 for r in rates.tolist()]
 
-    def route_with(self, x: torch.Tensor, keep: torch.Tensor) -> Decisions:
+    def route_with(self, x: torch.Tensor, keep: torch.Tensor) -> Routed:
         """Run with decisions given as a ``(batch, blocks)`` bool matrix; the controller is not used.
 
         Skipped blocks do not run for their samples, as in :meth:`route`. Gradients flow into
@@ -288,7 +271,7 @@ class BlockSkipModel(nn.Module):
                 index += 1
             else:
                 h = unit(h)
-        return Decisions(h, keep)
+        return Routed(h, keep)
 
     def register_tuned_units(self, indices: list[int]) -> None:
         """Expose the units at ``indices`` (fine-tuned backbone parts) under ``dyn.tuned``.
@@ -333,9 +316,9 @@ class BlockSkipModel(nn.Module):
         h, records = self._walk(x, sampled)
         return h, torch.stack([r[0] for r in records], 1), torch.stack([r[1] for r in records], 1)
 
-    def decision_record(self, decisions: Decisions) -> torch.Tensor:
-        """What was decided per sample: which blocks ran."""
-        return decisions.kept
+    def describe(self) -> str:
+        params = sum(p.numel() for p in self.dyn.parameters())
+        return f"{self.num_blocks} of {len(self.droppable)} units gated, {params} params"
 
     def flops_of(self, kept: torch.Tensor) -> torch.Tensor:
         return self.sample_flops(kept)
@@ -358,9 +341,3 @@ class BlockSkipModel(nn.Module):
         for unit in self.units:
             x = unit(x)
         return x
-
-    def save(self, folder) -> None:
-        """Save the inserted state, the recipe and the plan to ``folder`` (see ``dynconvert.load``)."""
-        from dynconvert.convert.save import save_dynamic
-
-        save_dynamic(self, folder)

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from dynconvert.runtime.confidence import confidence, row_confidence
+from dynconvert.runtime.dynamic import DynamicModel, Routed
 from dynconvert.runtime.flat_graph import FlatRunners
 from dynconvert.runtime.folding import foldings_held, foldings_unchanged
-from dynconvert.runtime.modules import route_for_forward
 from dynconvert.runtime.rows import rows_where, select_rows
 
 
-@dataclass
-class Routed:
-    """Logits and, per sample, the exit taken (``num_exits`` means the full network ran)."""
-
-    logits: torch.Tensor
-    exits: torch.Tensor
-
-
-class EarlyExitModel(nn.Module):
+class EarlyExitModel(DynamicModel):
     """Runs backbone segments in turn; after each, samples confident enough leave the batch.
 
     Args:
@@ -55,7 +45,6 @@ class EarlyExitModel(nn.Module):
         self.segment_flops = list(segment_flops)
         self.head_flops = list(head_flops)
         self.criterion = criterion
-        self.last_exits: torch.Tensor | None = None
         self._runners = FlatRunners()
         self._single_sample: tuple = (None, [])  # (the heads' foldings held, each head's single-sample form)
 
@@ -81,12 +70,6 @@ class EarlyExitModel(nn.Module):
         reached (at most 1)."""
         thresholds = self.dyn.thresholds if thresholds is None else thresholds
         return exit_cost_table(*self.flops_table(), thresholds.detach().cpu() <= 1.0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits with exits taken (``last_exits`` keeps the exits); in eval mode, under inference mode."""
-        routed = route_for_forward(self, x)
-        self.last_exits = routed.exits
-        return routed.logits
 
     def route(self, x: torch.Tensor) -> Routed:
         """Run with early exits; return the logits and the exit each sample took.
@@ -211,10 +194,6 @@ class EarlyExitModel(nn.Module):
             feats.append(self.dyn.exits[k].features(h))
         return segments[-1](h), feats
 
-    def decision_record(self, routed: Routed) -> torch.Tensor:
-        """What was decided per sample: the exit index."""
-        return routed.exits
-
     def flops_of(self, exits: torch.Tensor) -> torch.Tensor:
         """FLOPs per sample for the exits taken."""
         return self.exit_costs().to(exits.device)[exits]
@@ -223,11 +202,10 @@ class EarlyExitModel(nn.Module):
         """Report figures: how many samples left at each exit (the last: the full network)."""
         return {"exit_histogram": torch.bincount(exits, minlength=self.num_exits + 1).tolist()}
 
-    def save(self, folder) -> None:
-        """Save the inserted state, the recipe and the plan to ``folder`` (see ``dynconvert.load``)."""
-        from dynconvert.convert.save import save_dynamic
-
-        save_dynamic(self, folder)
+    def describe(self) -> str:
+        params = sum(p.numel() for p in self.dyn.parameters())
+        fallback = str(self.plan.get("insertion", "")).startswith("feature_info")
+        return f"{self.num_exits} exits{' on feature_info stages (fallback)' if fallback else ''}, {params} params"
 
     def inserted_flops(self) -> float:
         """FLOPs per sample of all exit heads (what a sample that runs to the end pays extra)."""

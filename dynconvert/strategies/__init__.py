@@ -1,6 +1,10 @@
-"""Strategies, one module each, found by name through an open registry."""
+"""Strategies, one module each, found by name through an open registry.
 
-from dynconvert.strategies import blockdrop, early_exit, skipnet  # noqa: F401, E402  (each registers itself)
-from dynconvert.strategies.registry import Strategy, get_strategy, list_strategies, register_strategy
+Adding one: write its module (see ``docs/adding-a-strategy.md``) and import it below.
+"""
+
+from dynconvert.strategies import blockdrop, early_exit, skipnet  # noqa: E402, F401, I001  (each registers itself)
+from dynconvert.strategies.base import Strategy
+from dynconvert.strategies.registry import get_strategy, list_strategies, register_strategy
 
 __all__ = ["Strategy", "get_strategy", "list_strategies", "register_strategy"]

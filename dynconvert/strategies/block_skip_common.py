@@ -9,18 +9,20 @@ import math
 
 import torch
 
-from dynconvert.convert import distributed
-from dynconvert.convert.calibrate import drop_upper_bound
-from dynconvert.convert.checkpoint import Checkpointer
-from dynconvert.convert.costs import count_flops, node_flops
-from dynconvert.convert.trace import trace
-from dynconvert.convert.train import batches, check_finite, distillation_loss, freeze, map_batches, train_batches
 from dynconvert.errors import DynconvertError
 from dynconvert.passes.analysis import is_channels_last, single_live_nodes
 from dynconvert.passes.residual import find_units, full_form, shortcut_shape, skipped_form
 from dynconvert.progress import progress_bar
 from dynconvert.runtime.block_skip import BlockSkipModel
 from dynconvert.runtime.corrections import SkipCorrection, correction_rank
+from dynconvert.toolkit import distributed
+from dynconvert.toolkit.calibrate import drop_upper_bound
+from dynconvert.toolkit.checkpoint import Checkpointer
+from dynconvert.toolkit.choose import choose_point
+from dynconvert.toolkit.costs import count_flops, node_flops
+from dynconvert.toolkit.stage_loop import cosine_schedule, means, run_stage
+from dynconvert.toolkit.trace import trace
+from dynconvert.toolkit.train import batches, distillation_loss, freeze, map_batches, train_batches
 
 ALL_OPEN = 1e4
 SKIP_CORRECTIONS = ("linear", "none")
@@ -205,28 +207,7 @@ def calibrate_bias(
                 "flops_ratio": float(dyn.sample_flops(kept).mean()) / dyn.static_flops(),
             }
         )
-    budget_met = True
-    if cal.max_accuracy_drop is not None:
-        feasible = [p for p in sweep if p["accuracy_drop_bound"] <= cal.max_accuracy_drop]
-        if feasible:
-            chosen = min(feasible, key=lambda p: p["flops_ratio"])
-        else:  # a tuned backbone can lose accuracy with every block kept: keep the run, say so
-            chosen, budget_met = min(sweep, key=lambda p: (p["accuracy_drop_bound"], p["flops_ratio"])), False
-            log.warning(
-                "calibrate: no operating point keeps the accuracy drop within %.3f (upper bound) on the "
-                "calibration data; chose the most accurate one (bound %.3f, FLOPs ratio %.3f)",
-                cal.max_accuracy_drop,
-                chosen["accuracy_drop_bound"],
-                chosen["flops_ratio"],
-            )
-    else:
-        feasible = [p for p in sweep if p["flops_ratio"] <= cal.flops_ratio]
-        if not feasible:
-            cheapest = min(p["flops_ratio"] for p in sweep)
-            raise DynconvertError(
-                f"calibrate.flops_ratio={cal.flops_ratio} is out of reach; the cheapest point costs {cheapest:.3f}"
-            )
-        chosen = min(feasible, key=lambda p: (p["accuracy_drop"], p["flops_ratio"]))
+    chosen, budget_met = choose_point(sweep, cal.max_accuracy_drop, cal.flops_ratio)
     dyn.dyn.bias.fill_(chosen["offset"])
     return {
         "sweep": sweep,
@@ -243,7 +224,7 @@ def _route_all(dyn, split, prep, recipe):
     for images, _, _ in batches(split, prep, recipe.data.batch_size, recipe.device):
         d = dyn.route(images)
         preds.append(d.logits.argmax(1).cpu())
-        kept.append(d.kept.cpu())
+        kept.append(d.decisions.cpu())
     return torch.cat(preds), torch.cat(kept)
 
 
@@ -300,16 +281,17 @@ def training_steps(epochs: int, samples: int, batch_size: int) -> int:
     return max(1, epochs * math.ceil(samples / batch_size))
 
 
-def adamw_with_cosine(inserted: list, backbone: list, lr: float, train_config, epochs: int, samples: int):
+def adamw_with_cosine(
+    inserted: list, backbone: list, lr: float, train_config, epochs: int, samples: int, backbone_lr: float = 0.0
+):
     """AdamW over the inserted parameters at ``lr`` and the tuned backbone ones at
-    ``train.backbone_lr``, with a cosine schedule over ``epochs`` epochs of ``samples``;
+    ``backbone_lr``, with a cosine schedule over ``epochs`` epochs of ``samples``;
     returns (optimizer, scheduler, every parameter it updates)."""
     groups = [{"params": inserted, "lr": lr}]
     if backbone:
-        groups.append({"params": backbone, "lr": train_config.backbone_lr})
+        groups.append({"params": backbone, "lr": backbone_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=train_config.weight_decay)
-    steps = training_steps(epochs, samples, train_config.batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    scheduler = cosine_schedule(optimizer, training_steps(epochs, samples, train_config.batch_size))
     return optimizer, scheduler, [*inserted, *backbone]
 
 
@@ -322,6 +304,7 @@ def train_relaxed(
     cost_weight: float,
     tune: list[str],
     checkpointer: Checkpointer | None = None,
+    backbone_lr: float = 0.0,
 ) -> list[dict]:
     """Relaxed training: hard decisions forward, straight-through gradients, Gumbel noise.
 
@@ -335,7 +318,9 @@ def train_relaxed(
     teacher = teacher_logits(dyn, data.fit, prep, recipe, checkpointer)
     controller = dyn.dyn.controller
     controller.train()
-    optimizer, scheduler, params = adamw_with_cosine(inserted, backbone_params, cfg.lr, cfg, cfg.epochs, len(data.fit))
+    optimizer, scheduler, params = adamw_with_cosine(
+        inserted, backbone_params, cfg.lr, cfg, cfg.epochs, len(data.fit), backbone_lr
+    )
     generator = torch.Generator().manual_seed(recipe.seed)
     progress = checkpointer.begin("gates", cfg.epochs, dyn, optimizer, scheduler, generator)
 
@@ -359,39 +344,66 @@ def train_relaxed(
 
 
 def run_epochs(
-    step, optimizer, scheduler, progress, checkpointer, data, prep, recipe, epochs, generator, stage, extra=None
+    step,
+    optimizer,
+    scheduler,
+    progress,
+    checkpointer,
+    data,
+    prep,
+    recipe,
+    epochs,
+    generator,
+    stage,
+    extra=None,
+    *,
+    record=None,
+    postfix=None,
+    name: str | None = None,
+    total_steps: int | None = None,
+    min_shard: int = 1,
 ) -> None:
-    """The epochs of a training stage over the fit split, from where ``progress`` stands.
+    """A training stage over the fit split (``stage_loop.run_stage``), from where ``progress`` stands.
 
-    ``step(images, labels, index) -> (loss, statistics)`` gives the loss and per-sample means
-    (a ``flops_ratio`` among them); each epoch's record holds their means over the epoch, under
-    ``phase: stage`` except for the ``"gates"`` stage, and the items of ``extra`` as given.
-    Checkpoints after every step and epoch.
+    ``step(images, labels, index) -> (loss, statistics)`` gives the loss and per-sample means;
+    by default each epoch's record holds their means over the epoch, under ``phase: stage``
+    except for the ``"gates"`` stage, and the items of ``extra`` as given (``record(epoch,
+    sums)`` replaces that). A global batch whose smallest share on a rank has fewer than
+    ``min_shard`` samples is skipped (BatchNorm in a training policy needs two).
     """
     cfg = recipe.train
-    steps = training_steps(epochs, len(data.fit), cfg.batch_size)
-    with progress_bar(total=steps, initial=progress.step, desc=f"train {stage}", unit="step") as bar:
-        for epoch in range(progress.epoch, epochs):
-            order = progress.epoch_order(lambda: torch.randperm(len(data.fit), generator=generator))
-            for images, labels, index, n_global in train_batches(
-                data.fit, prep, cfg.batch_size, recipe.device, order, progress.batch
-            ):
-                loss, stats = step(images, labels, index)
-                check_finite(loss, f"{stage}, epoch {epoch + 1}")
-                optimizer.zero_grad(set_to_none=True)
-                distributed.scale_loss(loss, len(labels), n_global).backward()
-                optimizer.step()
-                scheduler.step()
-                n = len(labels)
-                progress.add({"loss": loss.item() * n, **{k: v * n for k, v in stats.items()}, "n": n})
-                progress.batch += 1
-                progress.step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", flops=f"{stats['flops_ratio']:.2f}")
-                checkpointer.after_step(progress)
-            totals = distributed.sum_over_ranks(progress.totals)
-            n = max(1, totals["n"])
-            record = {"epoch": epoch} if stage == "gates" else {"phase": stage, "epoch": epoch}
-            record.update(extra or {})
-            progress.end_epoch({**record, **{k: v / n for k, v in totals.items() if k != "n"}})
-            checkpointer.end_epoch(progress)
+
+    def default_record(epoch, sums):
+        head = {"epoch": epoch} if stage == "gates" else {"phase": stage, "epoch": epoch}
+        return {**head, **(extra or {}), **means(sums)}
+
+    def step_on(images, labels, index, n_global):
+        return None if distributed.smallest_shard(n_global) < min_shard else step(images, labels, index)
+
+    def batches_of(order, first):
+        for (images, labels, index), n, n_global in image_batches(
+            data.fit, prep, cfg.batch_size, recipe.device, order, first
+        ):
+            yield (images, labels, index, n_global), n, n_global
+
+    run_stage(
+        name or f"train {stage}",
+        epochs,
+        step_on,
+        optimizer,
+        scheduler,
+        progress,
+        checkpointer,
+        lambda: torch.randperm(len(data.fit), generator=generator),
+        batches_of,
+        record or default_record,
+        total_steps or training_steps(epochs, len(data.fit), cfg.batch_size),
+        postfix or (lambda loss, stats: {"loss": f"{loss.item():.3f}", "flops": f"{stats['flops_ratio']:.2f}"}),
+    )
+
+
+def image_batches(split, prep, batch_size: int, device: str, order, first_batch: int):
+    """Batches of ``split`` in ``order`` from ``first_batch`` on, as ``run_stage`` takes them:
+    ``((images, labels, index), samples here, samples in the global batch)``."""
+    for images, labels, index, n_global in train_batches(split, prep, batch_size, device, order, first_batch):
+        yield (images, labels, index), len(labels), n_global

@@ -13,12 +13,12 @@ import math
 
 import torch
 
-from dynconvert.convert import distributed
-from dynconvert.convert.checkpoint import Checkpointer
-from dynconvert.convert.train import check_finite, distillation_loss, map_batches, train_batches
-from dynconvert.progress import progress_bar
 from dynconvert.runtime.block_skip import BlockSkipModel
 from dynconvert.strategies import block_skip_common as common
+from dynconvert.toolkit import distributed
+from dynconvert.toolkit.checkpoint import Checkpointer
+from dynconvert.toolkit.stage_loop import means
+from dynconvert.toolkit.train import distillation_loss, map_batches
 
 
 def bounded_probs(logits: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -105,17 +105,6 @@ def reinforce_step(
     return loss, out, stats
 
 
-def _weighted(stats: dict, n: int) -> dict:
-    """Statistics of a batch of ``n`` samples as sums, plus the count under ``"n"``."""
-    return {**{k: v * n for k, v in stats.items()}, "n": n}
-
-
-def _means(sums: dict) -> dict:
-    """Sample-weighted means from the sums of :func:`_weighted`."""
-    n = sums.get("n", 0)
-    return {k: v / max(1, n) for k, v in sums.items() if k != "n"}
-
-
 def train_policy(
     dyn: BlockSkipModel, data, prep, recipe, config, checkpointer: Checkpointer | None = None
 ) -> list[dict]:
@@ -154,34 +143,43 @@ def train_policy(
             loss = loss + distillation_loss(out, labels, target, cfg.distill_temperature, cfg.distill_weight)
         return loss, out, stats
 
-    step_fn = distributed.wrap_step(params, step, find_unused=corrections)
-    with progress_bar(total=total, initial=progress.step, desc="train policy", unit="step") as bar:
-        for epoch in range(progress.epoch, cfg.epochs):
-            order = progress.epoch_order(lambda: torch.randperm(len(data.fit), generator=generator))
-            for images, labels, index, n_global in train_batches(
-                data.fit, prep, cfg.batch_size, recipe.device, order, progress.batch
-            ):
-                decided = schedule[min(progress.step // stage_steps, len(schedule) - 1)]
-                progress.step += 1
-                progress.batch += 1
-                bar.update(1)
-                # BatchNorm in the policy needs two samples (on every rank, which step together)
-                if distributed.smallest_shard(n_global) >= 2:
-                    mask = decided_mask(k, decided, images.device)
-                    loss, _, stats = step_fn(images, labels, mask, index)
-                    check_finite(loss, f"policy, step {progress.step}")
-                    optimizer.zero_grad(set_to_none=True)
-                    distributed.scale_loss(loss, len(labels), n_global).backward()
-                    optimizer.step()
-                    progress.add(_weighted({"loss": loss.item(), **stats}, len(labels)))
-                    bar.set_postfix(
-                        reward=f"{stats['reward']:.3f}", flops=f"{stats['flops_ratio']:.2f}", decided=decided
-                    )
-                checkpointer.after_step(progress)
-            decided = schedule[min((progress.step - 1) // stage_steps, len(schedule) - 1)]
-            record = {"phase": "curriculum", "epoch": epoch, "decided_blocks": decided}
-            progress.end_epoch({**record, **_means(distributed.sum_over_ranks(progress.totals))})
-            checkpointer.end_epoch(progress)
+    step = distributed.wrap_step(params, step, find_unused=corrections)
+
+    def decided_at(step_index: int) -> int:
+        return schedule[min(step_index // stage_steps, len(schedule) - 1)]
+
+    def policy_step(images, labels, index):
+        loss, _, stats = step(images, labels, decided_mask(k, decided_at(progress.step), images.device), index)
+        return loss, {**stats, "decided": decided_at(progress.step)}
+
+    def record(epoch, sums):
+        stats = means(sums)
+        stats.pop("decided", None)
+        head = {"phase": "curriculum", "epoch": epoch, "decided_blocks": decided_at(progress.step - 1)}
+        return {**head, **stats}
+
+    common.run_epochs(
+        policy_step,
+        optimizer,
+        None,
+        progress,
+        checkpointer,
+        data,
+        prep,
+        recipe,
+        cfg.epochs,
+        generator,
+        "curriculum",
+        record=record,
+        name="train policy",
+        total_steps=total,
+        min_shard=2,  # BatchNorm in the policy needs two samples (on every rank, which step together)
+        postfix=lambda loss, stats: {
+            "reward": f"{stats['reward']:.3f}",
+            "flops": f"{stats['flops_ratio']:.2f}",
+            "decided": stats["decided"],
+        },
+    )
     distributed.broadcast_buffers(controller)
     controller.eval()
     dyn.eval()
@@ -217,7 +215,7 @@ def finetune_jointly(
     controller = dyn.dyn.controller
     controller.train()
     optimizer, scheduler, params = common.adamw_with_cosine(
-        inserted, backbone, config.finetune_lr, cfg, config.finetune_epochs, len(data.fit)
+        inserted, backbone, config.finetune_lr, cfg, config.finetune_epochs, len(data.fit), config.backbone_lr
     )
     steps = common.training_steps(config.finetune_epochs, len(data.fit), cfg.batch_size)
     generator = torch.Generator().manual_seed(recipe.seed + 1)
@@ -236,29 +234,28 @@ def finetune_jointly(
 
     # a block no sample of a rank's share keeps gets no gradient there
     step = distributed.wrap_step(params, step, find_unused=True)
-    with progress_bar(total=steps, initial=progress.step, desc="fine-tune jointly", unit="step") as bar:
-        for epoch in range(progress.epoch, config.finetune_epochs):
-            order = progress.epoch_order(lambda: torch.randperm(len(data.fit), generator=generator))
-            for images, labels, index, n_global in train_batches(
-                data.fit, prep, cfg.batch_size, recipe.device, order, progress.batch
-            ):
-                progress.step += 1
-                progress.batch += 1
-                bar.update(1)
-                if distributed.smallest_shard(n_global) >= 2:
-                    loss, task_loss, stats = step(images, labels, index)
-                    check_finite(loss, "joint fine-tuning")
-                    optimizer.zero_grad(set_to_none=True)
-                    distributed.scale_loss(loss, len(labels), n_global).backward()
-                    optimizer.step()
-                    scheduler.step()
-                    values = {"loss": loss.item(), "task_loss": task_loss.item(), **stats}
-                    progress.add(_weighted(values, len(labels)))
-                    bar.set_postfix(reward=f"{stats['reward']:.3f}", flops=f"{stats['flops_ratio']:.2f}")
-                checkpointer.after_step(progress)
-            record = {"phase": "finetune", "epoch": epoch}
-            progress.end_epoch({**record, **_means(distributed.sum_over_ranks(progress.totals))})
-            checkpointer.end_epoch(progress)
+
+    def joint_step(images, labels, index):
+        loss, task_loss, stats = step(images, labels, index)
+        return loss, {"task_loss": task_loss.item(), **stats}
+
+    common.run_epochs(
+        joint_step,
+        optimizer,
+        scheduler,
+        progress,
+        checkpointer,
+        data,
+        prep,
+        recipe,
+        config.finetune_epochs,
+        generator,
+        "finetune",
+        name="fine-tune jointly",
+        total_steps=steps,
+        min_shard=2,
+        postfix=lambda loss, stats: {"reward": f"{stats['reward']:.3f}", "flops": f"{stats['flops_ratio']:.2f}"},
+    )
     for param in backbone:
         param.requires_grad_(False)
     distributed.broadcast_buffers(dyn.dyn)

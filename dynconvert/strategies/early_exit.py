@@ -11,32 +11,28 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from dynconvert.convert.calibrate import (
-    choose_operating_point,
-    exit_confidences,
-    fit_temperature,
-    simulate_exits,
-    threshold_sweep,
-)
-from dynconvert.convert.checkpoint import Checkpointer
-from dynconvert.convert.costs import count_flops, node_flops
-from dynconvert.convert.data import normalize
-from dynconvert.convert.latency import early_exit_latency, early_exit_onnx_latency
-from dynconvert.convert.trace import trace
-from dynconvert.convert.train import fit_on_cached_features, freeze, map_batches
 from dynconvert.errors import DynconvertError
+from dynconvert.export.graphs import EarlyExitGraph
+from dynconvert.options import check_choice, check_range, option
 from dynconvert.passes import CutPoint, exit_points_of, find_cut_points, insert_exit_heads, split_at
 from dynconvert.passes.analysis import is_channels_last
 from dynconvert.passes.stages import feature_info_modules, stage_points
-from dynconvert.recipe import _check_choice, _check_range
 from dynconvert.runtime.early_exit import EarlyExitModel
 from dynconvert.runtime.heads import ACTIVATIONS, NORMS, ExitHead
 from dynconvert.runtime.stage_exits import StageExitModel
-from dynconvert.strategies.registry import Strategy, register_strategy
+from dynconvert.strategies.base import Strategy
+from dynconvert.strategies.early_exit_calibration import calibrate_exits
+from dynconvert.strategies.registry import register_strategy
+from dynconvert.toolkit.calibrate import exit_confidences, simulate_exits
+from dynconvert.toolkit.checkpoint import Checkpointer
+from dynconvert.toolkit.costs import count_flops, node_flops
+from dynconvert.toolkit.trace import trace
+from dynconvert.toolkit.train import fit_on_cached_features, freeze, map_batches
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +45,34 @@ class EarlyExitConfig:
     at the cut points nearest to each of ``fractions`` of the network's FLOPs (SDN-style).
     """
 
-    points: list[str] = field(default_factory=list)
-    fractions: list[float] = field(default_factory=lambda: [0.15, 0.3, 0.45, 0.6, 0.75, 0.9])
-    head_pool: int = 4
-    head_hidden: int = 256
-    head_norm: str = "layer"
-    head_activation: str = "gelu"
-    token_pooling: str = "mean"
+    points: list[str] = option([], "modules whose output gets an exit (e.g. layer2.3); empty: by fractions")
+    fractions: list[float] = option(
+        [0.15, 0.3, 0.45, 0.6, 0.75, 0.9], "exits at the cut points nearest these fractions of the FLOPs"
+    )
+    head_pool: int = option(4, "side of the adaptive average pooling before a head's classifier")
+    head_hidden: int = option(256, "hidden width of a head's MLP (0: a linear head)")
+    head_norm: str = option("layer", "normalisation in a head: layer or batch")
+    head_activation: str = option("gelu", "activation in a head's MLP")
+    token_pooling: str = option("mean", "how a transformer's tokens are pooled for a head: mean or cls")
+    cost: str = option("flops", "what calibration weighs exits by: flops, or latency measured at batch 1")
+    head_overhead_mflops: float = option(
+        0.0, "with cost flops: what each head run costs above its FLOPs when choosing thresholds (MFLOPs)"
+    )
+    latency_runtime: str = option("pytorch", "with cost latency: time in pytorch, or in onnxruntime (CPU)")
+    latency_threads: int = option(0, "threads for the latency measurement (0: the runtime's default)")
 
     def validate(self) -> None:
         for f in self.fractions:
-            _check_range("options.fractions", f, 0.0, 1.0)
-        _check_range("options.head_pool", self.head_pool, 1, None)
-        _check_range("options.head_hidden", self.head_hidden, 0, None)
-        _check_choice("options.head_norm", self.head_norm, NORMS)
-        _check_choice("options.head_activation", self.head_activation, ACTIVATIONS)
-        _check_choice("options.token_pooling", self.token_pooling, ("mean", "cls"))
+            check_range("options.fractions", f, 0.0, 1.0)
+        check_range("options.head_pool", self.head_pool, 1, None)
+        check_range("options.head_hidden", self.head_hidden, 0, None)
+        check_choice("options.head_norm", self.head_norm, NORMS)
+        check_choice("options.head_activation", self.head_activation, ACTIVATIONS)
+        check_choice("options.token_pooling", self.token_pooling, ("mean", "cls"))
+        check_choice("options.cost", self.cost, ("flops", "latency"))
+        check_choice("options.latency_runtime", self.latency_runtime, ("pytorch", "onnxruntime"))
+        check_range("options.latency_threads", self.latency_threads, 0, None)
+        check_range("options.head_overhead_mflops", self.head_overhead_mflops, 0.0, None)
 
 
 def choose_points(points: list[CutPoint], config: EarlyExitConfig) -> list[CutPoint]:
@@ -96,11 +104,10 @@ class EarlyExit(Strategy):
     name = "early-exit"
     config_class = EarlyExitConfig
 
-    @staticmethod
     def prepare(
-        model,
+        self,
+        models,
         recipe,
-        config: EarlyExitConfig,
         example: torch.Tensor,
         num_classes: int,
         exit_nodes=None,
@@ -112,6 +119,7 @@ class EarlyExit(Strategy):
         the model's stages, the exits go on those stages instead (:class:`StageExitModel`).
         ``exit_nodes`` / ``exit_modules`` replay a saved plan.
         """
+        (model,), config = models, self.config
         if exit_modules is not None:
             return _prepare_on_stages(model, config, example, num_classes, recipe, exit_modules, "replayed")
         try:
@@ -148,19 +156,13 @@ class EarlyExit(Strategy):
         }
         return dyn.eval()
 
-    @staticmethod
-    def fit(dyn: EarlyExitModel, data, prep, recipe, config: EarlyExitConfig, checkpointer=None) -> dict:
+    def fit(self, dyn: EarlyExitModel, data, prep, recipe, checkpointer=None) -> dict:
         """Train the heads on the fit split, then calibrate on the calibration split.
 
-        ``checkpointer`` (a :class:`~dynconvert.convert.checkpoint.Checkpointer`) keeps the
+        ``checkpointer`` (a :class:`~dynconvert.toolkit.checkpoint.Checkpointer`) keeps the
         backbone's features and the heads' training state for a resumed run.
         """
         device, train_cfg = recipe.device, recipe.train
-        if train_cfg.tune_backbone:
-            raise DynconvertError(
-                "train.tune_backbone is not supported by the early-exit strategy yet; "
-                "leave it empty to train the exits on a frozen backbone"
-            )
         checkpointer = checkpointer or Checkpointer.disabled()
         freeze(dyn.segments)
         teacher, *features = checkpointer.cached(
@@ -189,16 +191,15 @@ class EarlyExit(Strategy):
             checkpointer=checkpointer,
         )
         heads.eval()
-        calibration = calibrate_exits(dyn, data.calibration, prep, recipe)
+        calibration = calibrate_exits(dyn, data.calibration, prep, recipe, self.config)
         return {"train_loss": history, **calibration}
 
-    @staticmethod
-    def sweep_on_split(dyn, split, prep, recipe, sweep: list[dict]) -> list[dict]:
+    def sweep_on_split(self, dyn, split, prep, recipe, sweep: list[dict]) -> list[dict]:
         """Accuracy and FLOPs ratio on ``split`` of each calibration-sweep operating point.
 
         Only for the plot: the operating point itself was chosen on calibration data.
         """
-        if not sweep or not hasattr(dyn, "forward_all"):
+        if not sweep:
             return []
         final, *exit_logits = map_batches(
             dyn.forward_all, split, prep, recipe.data.batch_size, recipe.device, "sweep on evaluation"
@@ -215,6 +216,51 @@ class EarlyExit(Strategy):
             acc = (preds[exits, columns] == split.labels).float().mean()
             points.append({"flops_ratio": float(costs[exits].mean()) / dyn.static_flops(), "accuracy": float(acc)})
         return points
+
+    def open_all_(self, dyn: EarlyExitModel) -> EarlyExitModel:
+        """No exit taken: every threshold above any confidence."""
+        dyn.dyn.thresholds.fill_(2.0)
+        return dyn
+
+    def take_all_(self, dyn: EarlyExitModel) -> EarlyExitModel:
+        """Every sample leaves at the first exit."""
+        dyn.dyn.thresholds.fill_(0.0)
+        return dyn
+
+    def mixed_(self, dyn: EarlyExitModel) -> EarlyExitModel:
+        """The first half of the exits off, the rest always taken."""
+        n = dyn.num_exits
+        dyn.dyn.thresholds.copy_(torch.tensor([2.0] * (n // 2) + [0.0] * (n - n // 2)))
+        return dyn
+
+    def training_loss(self, dyn: EarlyExitModel, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of every exit, averaged (what ``fit`` adds distillation to)."""
+        _, exits = dyn.forward_all(images)
+        return sum(F.cross_entropy(e, labels) for e in exits) / len(exits)
+
+    def export_graph(self, dyn: EarlyExitModel, example: torch.Tensor, form: str | None = None):
+        """Exits as ``If`` branches (``cond``, the default measured faster in onnxruntime) or gathers."""
+        if isinstance(dyn, StageExitModel):
+            raise DynconvertError(
+                "this early-exit model hangs its exits on forward hooks (the feature_info fallback: its "
+                "graph could not be cut into segments), and hooks cannot be exported to ONNX"
+            )
+        return EarlyExitGraph(dyn, example, form or "cond").eval()
+
+    def export_hint(self, recipe) -> str | None:
+        """Exits priced in FLOPs alone or in PyTorch time, for a model that will run in onnxruntime:
+        say how to price them there (heads weigh more against its faster backbone)."""
+        config = self.config
+        if config.cost == "flops" and not config.head_overhead_mflops:
+            priced = "FLOPs alone"
+        elif config.cost == "latency" and config.latency_runtime == "pytorch":
+            priced = "PyTorch time"
+        else:
+            return None
+        return (
+            f"exits are priced in {priced}; for a model that will run in onnxruntime, --set options.cost=latency "
+            "--set options.latency_runtime=onnxruntime prices them in onnxruntime's time (docs/export.md)"
+        )
 
 
 def _replayed(points: list[CutPoint], saved: list[str], what: str, where: str) -> list[CutPoint]:
@@ -271,88 +317,3 @@ def _prepare_on_stages(model, config, example, num_classes, recipe, exit_modules
         "head_flops": head_flops,
     }
     return dyn.eval()
-
-
-def calibrate_exits(dyn: EarlyExitModel, split, prep, recipe) -> dict:
-    """Fit per-exit temperatures and thresholds on ``split``; set them on ``dyn``; return the sweep."""
-    cal = recipe.calibrate
-    final, *exit_logits = map_batches(
-        dyn.forward_all, split, prep, recipe.data.batch_size, recipe.device, "calibration"
-    )
-    labels = split.labels
-    reference = final.argmax(1) if cal.reference == "agreement" else labels
-    temperatures = [fit_temperature(lg, reference) for lg in exit_logits]
-    conf = exit_confidences(exit_logits, temperatures, cal.criterion)
-    exit_correct = torch.stack([lg.argmax(1) == reference for lg in exit_logits])
-    final_correct = final.argmax(1) == reference
-    latency = None
-    if cal.cost == "latency" and isinstance(dyn, StageExitModel):
-        log.warning("calibrate.cost=latency needs graph segments; the stage-end fallback is calibrated on FLOPs")
-    if cal.cost == "latency" and not isinstance(dyn, StageExitModel):
-        latency = _latency_sweep(dyn, split, prep, recipe, conf, exit_correct, final_correct)
-        path, cheapest_by = latency.pop("path"), "time_ratio"
-    else:
-        segment_flops, head_flops = dyn.flops_table()
-        overhead = cal.head_overhead_mflops * 1e6 if cal.cost == "flops" else 0.0
-        path = threshold_sweep(
-            conf, exit_correct, final_correct, segment_flops, head_flops + overhead, dyn.static_flops()
-        )
-        cheapest_by = "flops_ratio"
-        if overhead:
-            _with_true_flops(dyn, conf, path, "priced_ratio")
-            cheapest_by = "priced_ratio"
-    chosen = choose_operating_point(path, cal.max_accuracy_drop, cal.flops_ratio, cheapest_by)
-    dyn.dyn.temperatures.copy_(torch.tensor(temperatures))
-    dyn.dyn.thresholds.copy_(torch.tensor(chosen.thresholds))
-    return {
-        "temperatures": temperatures,
-        "sweep": [p.__dict__ for p in path],
-        "chosen": chosen.__dict__,
-        "calibration_static_accuracy": float((final.argmax(1) == labels).float().mean()),
-        "calibration_reference": cal.reference,
-        "cost": cal.cost,
-        **({"latency_table": latency} if latency else {}),
-    }
-
-
-def _latency_sweep(dyn, split, prep, recipe, conf, exit_correct, final_correct) -> dict:
-    """The sweep costed in measured batch-1 time (in PyTorch on the recipe's device, or in
-    onnxruntime on the CPU); each point also carries its FLOPs ratio."""
-    cal = recipe.calibrate
-    images = normalize(split.images[:8].to(recipe.device), prep)
-    if cal.latency_runtime == "onnxruntime":
-        try:
-            segment_s, head_s = early_exit_onnx_latency(dyn, images, threads=cal.latency_threads)
-        except DynconvertError as exc:
-            raise DynconvertError(
-                f"calibrate.latency_runtime=onnxruntime times each part of the model exported to ONNX, "
-                f"and a part did not export ({exc}); price the exits in PyTorch time instead: "
-                "--set calibrate.latency_runtime=pytorch"
-            ) from exc
-    else:
-        timed = dyn
-        if images.dim() == 4 and recipe.device == "cpu":  # timed in the faster layout on CPU, on a copy
-            images = images.contiguous(memory_format=torch.channels_last)
-            timed = copy.deepcopy(dyn).to(memory_format=torch.channels_last)
-        segment_s, head_s = early_exit_latency(timed, images, threads=cal.latency_threads)
-    path = threshold_sweep(conf, exit_correct, final_correct, segment_s, head_s, float(segment_s.sum()))
-    _with_true_flops(dyn, conf, path, "time_ratio")
-    return {
-        "path": path,
-        "batch": 1,
-        "runtime": cal.latency_runtime,
-        "threads": cal.latency_threads,
-        "segment_ms": (segment_s * 1e3).tolist(),
-        "head_ms": (head_s * 1e3).tolist(),
-    }
-
-
-def _with_true_flops(dyn, conf, path, priced_as: str) -> None:
-    """For a sweep costed otherwise than in FLOPs: move each point's cost ratio to ``priced_as``
-    and put its FLOPs ratio (heads at their FLOPs) in ``flops_ratio``, in place."""
-    for p in path:
-        thresholds = torch.tensor(p.thresholds)
-        exits = simulate_exits(conf, thresholds)
-        flops = dyn.exit_costs(thresholds)
-        setattr(p, priced_as, p.flops_ratio)
-        p.flops_ratio = float(flops[exits].mean()) / dyn.static_flops()

@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from dynconvert.errors import DynconvertError
+from dynconvert.strategies.base import Strategy
 
 _REGISTRY: dict[str, type[Strategy]] = {}
-
-
-class Strategy:
-    """A way to make a static network dynamic.
-
-    A strategy describes its own config (``config_class``) and implements the steps of the
-    pipeline that differ between strategies: ``prepare`` (plan + passes), ``fit``
-    (train + calibrate) and ``load_runtime`` (rebuild the dynamic model from saved state).
-    """
-
-    name: ClassVar[str] = ""
-    config_class: ClassVar[type] = object
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
     """Class decorator: make ``cls`` available under ``cls.name``."""
     if not cls.name:
         raise ValueError("a strategy needs a name")
+    if not issubclass(cls, Strategy):
+        raise TypeError(f"{cls.__name__} must derive from dynconvert.strategies.Strategy")
     _REGISTRY[cls.name] = cls
     return cls
 

@@ -9,13 +9,17 @@ SkipNet's hybrid RL stage (``skipnet_rl.py``), then one bias on every gate calib
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from dynconvert.recipe import _check_choice, _check_range
+import torch
+import torch.nn.functional as F
+
+from dynconvert.options import check_choice, check_range, option
 from dynconvert.runtime.gates import GATE_KINDS
 from dynconvert.strategies import block_skip_common as common
+from dynconvert.strategies.block_skip_base import BlockSkipStrategy
 from dynconvert.strategies.block_skip_common import SKIP_CORRECTIONS
-from dynconvert.strategies.registry import Strategy, register_strategy
+from dynconvert.strategies.registry import register_strategy
 from dynconvert.strategies.skipnet_rl import train_hybrid_rl
 
 
@@ -28,40 +32,44 @@ class SkipNetConfig:
     same for every calibration image are fixed that way (``settle``: their gates no longer run),
     and blocks never to skip."""
 
-    gate: str = "feedforward"
-    gate_hidden: int = 16
-    gate_pool: int = 1
-    target_flops_ratio: float = 0.6
-    cost_weight: float = 30.0
-    skip_correction: str = "linear"
-    rl_epochs: int = 0
-    rl_skip_reward: float = 0.5
-    settle: bool = True
-    exclude: list[str] = field(default_factory=list)
-    calibration_offsets: list[float] = field(
-        default_factory=lambda: [-2.0, -1.5, -1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
+    gate: str = option("feedforward", "feedforward (one gate per block) or recurrent (one shared gate)")
+    gate_hidden: int = option(16, "hidden width of a gate")
+    gate_pool: int = option(1, "side of the pooling of a block's input before its gate")
+    target_flops_ratio: float = option(0.6, "the FLOPs ratio the training cost term pulls towards")
+    cost_weight: float = option(30.0, "weight of the squared distance to target_flops_ratio in the loss")
+    skip_correction: str = option("linear", "what a skipped block leaves: linear (a learned map) or none")
+    rl_epochs: int = option(0, "epochs of SkipNet's hybrid RL stage after the relaxed training (0: off)")
+    rl_skip_reward: float = option(0.5, "hybrid RL: reward of a skipped block per share of the FLOPs")
+    settle: bool = option(True, "fix the blocks whose gate never varies on the calibration images")
+    exclude: list[str] = option([], "blocks never to skip (module names)")
+    calibration_offsets: list[float] = option(
+        [-2.0, -1.5, -1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0],
+        "offsets on every keep-logit tried by calibration",
     )
+    tune_backbone: list[str] = option([], "backbone module name prefixes trained with the gates (empty: frozen)")
+    backbone_lr: float = option(1e-4, "learning rate of the tuned backbone modules")
 
     def validate(self) -> None:
-        _check_choice("options.gate", self.gate, tuple(GATE_KINDS))
-        _check_range("options.gate_hidden", self.gate_hidden, 1, None)
-        _check_range("options.gate_pool", self.gate_pool, 1, None)
-        _check_range("options.target_flops_ratio", self.target_flops_ratio, 0.0, 1.0)
-        _check_range("options.cost_weight", self.cost_weight, 0.0, None)
-        _check_choice("options.skip_correction", self.skip_correction, SKIP_CORRECTIONS)
-        _check_range("options.rl_epochs", self.rl_epochs, 0, None)
-        _check_range("options.rl_skip_reward", self.rl_skip_reward, 0.0, None)
+        check_choice("options.gate", self.gate, tuple(GATE_KINDS))
+        check_range("options.gate_hidden", self.gate_hidden, 1, None)
+        check_range("options.gate_pool", self.gate_pool, 1, None)
+        check_range("options.target_flops_ratio", self.target_flops_ratio, 0.0, 1.0)
+        check_range("options.cost_weight", self.cost_weight, 0.0, None)
+        check_choice("options.skip_correction", self.skip_correction, SKIP_CORRECTIONS)
+        check_range("options.rl_epochs", self.rl_epochs, 0, None)
+        check_range("options.rl_skip_reward", self.rl_skip_reward, 0.0, None)
+        check_range("options.backbone_lr", self.backbone_lr, 0.0, None)
 
 
 @register_strategy
-class SkipNet(Strategy):
+class SkipNet(BlockSkipStrategy):
     """Per-block gates on the block input."""
 
     name = "skipnet"
     config_class = SkipNetConfig
 
-    @staticmethod
-    def prepare(model, recipe, config: SkipNetConfig, example, num_classes, blocks=None, settled=None, tuned=None):
+    def prepare(self, models, recipe, example, num_classes, blocks=None, settled=None, tuned=None):
+        (model,), config = models, self.config
         gm, units = common.plan_units(model, recipe, example, config.exclude, blocks)
         gate_class = GATE_KINDS[config.gate]
         dyn = common.build_block_skip_model(
@@ -77,13 +85,13 @@ class SkipNet(Strategy):
             dyn.plan["replay"]["tuned"] = sorted(set(tuned))
         return dyn
 
-    @staticmethod
-    def fit(dyn, data, prep, recipe, config: SkipNetConfig, checkpointer=None) -> dict:
+    def fit(self, dyn, data, prep, recipe, checkpointer=None) -> dict:
+        config = self.config
         static_logits = None
-        if recipe.train.tune_backbone:
+        if config.tune_backbone:
             # the budget is measured against the original network; the tuned units become copies
             static_logits = common.teacher_logits(dyn, data.calibration, prep, recipe)
-            tuned = common.tunable_units(dyn, recipe.train.tune_backbone, "train.tune_backbone")
+            tuned = common.tunable_units(dyn, config.tune_backbone, "options.tune_backbone")
             common.own_tuned_units(dyn, tuned)
             dyn.plan["replay"]["tuned"] = tuned
         history = common.train_relaxed(
@@ -93,10 +101,21 @@ class SkipNet(Strategy):
             recipe,
             config.target_flops_ratio,
             config.cost_weight,
-            recipe.train.tune_backbone,
+            config.tune_backbone,
             checkpointer,
+            config.backbone_lr,
         )
-        history += train_hybrid_rl(dyn, data, prep, recipe, config.rl_epochs, config.rl_skip_reward, checkpointer)
+        history += train_hybrid_rl(
+            dyn,
+            data,
+            prep,
+            recipe,
+            config.rl_epochs,
+            config.rl_skip_reward,
+            checkpointer,
+            config.tune_backbone,
+            config.backbone_lr,
+        )
         calibration = common.calibrate_bias(
             dyn, data.calibration, prep, recipe, config.calibration_offsets, static_logits
         )
@@ -104,6 +123,8 @@ class SkipNet(Strategy):
             calibration["settled"] = common.settle_constant_decisions(dyn, data.calibration, prep, recipe)
         return {"train": history, **calibration}
 
-    @staticmethod
-    def sweep_on_split(dyn, split, prep, recipe, sweep):
-        return common.sweep_points_on_split(dyn, split, prep, recipe, sweep)
+    def training_loss(self, dyn, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Straight-through gates with the cost term towards ``target_flops_ratio`` (no distillation)."""
+        logits, probs = dyn.forward_relaxed(images)
+        cost = common.expected_flops_ratio(dyn, probs)
+        return F.cross_entropy(logits, labels) + self.config.cost_weight * (cost - self.config.target_flops_ratio) ** 2

@@ -6,7 +6,7 @@ gates learn by REINFORCE, each from its own return: the sample's reward for the 
 change: a skipped block earns ``skip_reward`` times the fraction of the network's FLOPs it saves
 (from the cost table), not a constant per gate. At the same time the supervised part of the
 hybrid loss (cross-entropy + self-distillation) trains what the sampled network runs that is
-trainable: the skip corrections, and the backbone modules of ``train.tune_backbone`` if any.
+trainable: the skip corrections, and the backbone modules of ``options.tune_backbone`` if any.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dynconvert.convert import distributed
-from dynconvert.convert.checkpoint import Checkpointer
-from dynconvert.convert.train import distillation_loss
 from dynconvert.runtime.block_skip import BlockSkipModel
 from dynconvert.strategies import block_skip_common as common
+from dynconvert.toolkit import distributed
+from dynconvert.toolkit.checkpoint import Checkpointer
+from dynconvert.toolkit.train import distillation_loss
 
 STAGE = "hybrid RL"
 
@@ -56,7 +56,15 @@ def hybrid_rl_loss(
 
 
 def train_hybrid_rl(
-    dyn: BlockSkipModel, data, prep, recipe, epochs: int, skip_reward: float, checkpointer: Checkpointer | None = None
+    dyn: BlockSkipModel,
+    data,
+    prep,
+    recipe,
+    epochs: int,
+    skip_reward: float,
+    checkpointer: Checkpointer | None = None,
+    tune: tuple[str, ...] = (),
+    backbone_lr: float = 0.0,
 ) -> list[dict]:
     """``epochs`` epochs of the hybrid RL stage (AdamW at ``train.lr / 10``, cosine schedule);
     returns one record per epoch. ``checkpointer`` saves at every epoch end and restores on resume."""
@@ -64,11 +72,11 @@ def train_hybrid_rl(
     checkpointer = checkpointer or Checkpointer.disabled()
     if epochs <= 0:
         return []
-    inserted, backbone_params = common.trainable_parts(dyn, cfg.tune_backbone)
+    inserted, backbone_params = common.trainable_parts(dyn, list(tune))
     teacher = common.teacher_logits(dyn, data.fit, prep, recipe, checkpointer)
     dyn.dyn.controller.train()
     optimizer, scheduler, params = common.adamw_with_cosine(
-        inserted, backbone_params, cfg.lr / 10, cfg, epochs, len(data.fit)
+        inserted, backbone_params, cfg.lr / 10, cfg, epochs, len(data.fit), backbone_lr
     )
     generator = torch.Generator().manual_seed(recipe.seed + 2)
     progress = checkpointer.begin(STAGE, epochs, dyn, optimizer, scheduler, generator)

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynconvert.convert import distributed
-from dynconvert.convert.checkpoint import Checkpointer
-from dynconvert.convert.data import ImageSplit, Preprocess, normalize
-from dynconvert.errors import DynconvertError
 from dynconvert.progress import progress_bar
+from dynconvert.toolkit import distributed
+from dynconvert.toolkit.checkpoint import Checkpointer
+from dynconvert.toolkit.data import ImageSplit, Preprocess, normalize
+from dynconvert.toolkit.stage_loop_errors import NonFiniteLoss, check_finite  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +95,17 @@ def fit_on_cached_features(
 ) -> list[float]:
     """Train several classifiers on cached features at once, with self-distillation.
 
-    ``classifiers[k]`` maps ``features[k]`` to logits. Adam with a cosine schedule; returns
+    ``classifiers[k]`` maps ``features[k]`` to logits. AdamW with a cosine schedule; returns
     the mean loss of each epoch. ``module`` holds the classifiers (its state is what
     ``checkpointer`` saves at every epoch end and restores when resuming).
     """
+    from dynconvert.toolkit.stage_loop import cosine_schedule, run_stage
+
     checkpointer = checkpointer or Checkpointer.disabled()
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(labels) / config.batch_size)
-    total = max(1, steps_per_epoch * config.epochs)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    )
+    scheduler = cosine_schedule(optimizer, steps_per_epoch * config.epochs)
     module = module if module is not None else nn.ParameterList(parameters)
     progress = checkpointer.begin("exit heads", config.epochs, module, optimizer, scheduler, generator)
 
@@ -118,34 +117,25 @@ def fit_on_cached_features(
         )
 
     step = distributed.wrap_step(parameters, step)
-    for epoch in progress_bar(range(progress.epoch, config.epochs), desc=desc, unit="epoch"):
-        order = progress.epoch_order(lambda: torch.randperm(len(labels), generator=generator))
-        for start in range(progress.batch * config.batch_size, len(order), config.batch_size):
+
+    def epoch_batches(order, first_batch):
+        for start in range(first_batch * config.batch_size, len(order), config.batch_size):
             index = distributed.shard(order[start : start + config.batch_size])
-            n_global = len(order[start : start + config.batch_size])
-            loss = step(index)
-            check_finite(loss, f"exit heads, epoch {epoch + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            distributed.scale_loss(loss, len(index), n_global).backward()
-            optimizer.step()
-            scheduler.step()
-            progress.add({"loss": loss.item() * len(index)})
-            progress.batch += 1
-            checkpointer.after_step(progress)
-        running = distributed.sum_over_ranks(progress.totals).get("loss", 0.0)
-        progress.end_epoch(running / len(labels) / max(1, len(classifiers)))
-        checkpointer.end_epoch(progress)
-    return progress.history
+            yield (index,), len(index), len(order[start : start + config.batch_size])
 
-
-class NonFiniteLoss(DynconvertError):
-    """The training loss became NaN or infinite."""
-
-
-def check_finite(loss: torch.Tensor, where: str) -> None:
-    """Stop with a clear error when the loss is NaN or infinite (the pipeline says what was kept)."""
-    if not torch.isfinite(loss):
-        raise NonFiniteLoss(f"the training loss became {loss.item()} ({where}); lower train.lr or check the data")
+    return run_stage(
+        desc,
+        config.epochs,
+        lambda index: (step(index), {}),
+        optimizer,
+        scheduler,
+        progress,
+        checkpointer,
+        lambda: torch.randperm(len(labels), generator=generator),
+        epoch_batches,
+        lambda epoch, sums: sums.get("loss", 0.0) / len(labels) / max(1, len(classifiers)),
+        steps_per_epoch * config.epochs,
+    )
 
 
 def freeze(module: nn.Module, trainable: list[str] = ()) -> list[nn.Parameter]:

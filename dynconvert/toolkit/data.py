@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dynconvert.config import DataConfig
 from dynconvert.errors import DynconvertError
 from dynconvert.files import replaced_on_success
 from dynconvert.progress import progress_bar
-from dynconvert.recipe import DataConfig
 
 log = logging.getLogger(__name__)
 

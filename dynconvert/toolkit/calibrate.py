@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from dynconvert.errors import DynconvertError
 from dynconvert.runtime.confidence import confidence
 from dynconvert.runtime.early_exit import exit_cost_table
 
@@ -140,24 +139,6 @@ def _point(thresholds, exits, cost, change, n_exits) -> SweepPoint:
     hist = torch.bincount(exits, minlength=n_exits + 1).float() / len(exits)
     drop, bound = drop_upper_bound(change)
     return SweepPoint([float(t) for t in thresholds], cost, drop, bound, hist.tolist())
-
-
-def choose_operating_point(
-    path: list[SweepPoint], max_accuracy_drop=None, flops_ratio=None, cheapest_by: str = "flops_ratio"
-) -> SweepPoint:
-    """The cheapest point within the accuracy budget (cheapest in ``cheapest_by``: FLOPs or
-    measured time ratio), or the most accurate within the FLOPs budget."""
-    if max_accuracy_drop is not None:
-        feasible = [p for p in path if p.accuracy_drop_bound <= max_accuracy_drop]
-        return min(feasible, key=lambda p: getattr(p, cheapest_by))
-    feasible = [p for p in path if p.flops_ratio <= flops_ratio]
-    if not feasible:
-        cheapest = min(p.flops_ratio for p in path)
-        raise DynconvertError(
-            f"calibrate.flops_ratio={flops_ratio} is out of reach: the cheapest operating point costs "
-            f"{cheapest:.3f} of the static FLOPs; ask for at least that"
-        )
-    return min(feasible, key=lambda p: (p.accuracy_drop, p.flops_ratio))
 
 
 def exit_confidences(exit_logits: list[torch.Tensor], temperatures: list[float], criterion: str) -> torch.Tensor:

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from dynconvert.convert import distributed
 from dynconvert.errors import DynconvertError
 from dynconvert.files import replaced_on_success
+from dynconvert.toolkit import distributed
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""What the strategies build on: tracing, costs, training, calibration, checkpoints, distribution, data."""

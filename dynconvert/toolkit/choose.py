@@ -1,0 +1,49 @@
+"""The one operating-point chooser: which point of a calibration sweep meets the recipe's budget.
+
+Every strategy sweeps its own knob (thresholds, an offset on keep-logits, ...) and records, per
+point, ``flops_ratio``, ``accuracy_drop`` and ``accuracy_drop_bound`` (the 95% upper bound of
+the drop on the calibration data); this module picks among them the same way for all.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _get(point: Any, key: str):
+    return point[key] if isinstance(point, dict) else getattr(point, key)
+
+
+def choose_point(
+    points: list, max_accuracy_drop: float | None = None, flops_ratio: float | None = None, cheapest_by="flops_ratio"
+) -> tuple[Any, bool]:
+    """The operating point for the budget, and whether the budget was met.
+
+    With ``max_accuracy_drop``: the cheapest point (in ``cheapest_by``: the FLOPs ratio, or a
+    ratio the sweep was priced in) whose drop bound is within it. With ``flops_ratio``: the most
+    accurate point within that FLOPs ratio. When no point meets the budget the most accurate
+    point is kept, a warning says so, and the second value is False. Points are objects or
+    dicts with those fields.
+    """
+    if max_accuracy_drop is not None:
+        feasible = [p for p in points if _get(p, "accuracy_drop_bound") <= max_accuracy_drop]
+        if feasible:
+            return min(feasible, key=lambda p: _get(p, cheapest_by)), True
+        wanted = f"an accuracy drop within {max_accuracy_drop:.3f} (95% upper bound)"
+    else:
+        feasible = [p for p in points if _get(p, "flops_ratio") <= flops_ratio]
+        if feasible:
+            return min(feasible, key=lambda p: (_get(p, "accuracy_drop"), _get(p, "flops_ratio"))), True
+        wanted = f"a FLOPs ratio within {flops_ratio:.3f}"
+    best = min(points, key=lambda p: (_get(p, "accuracy_drop_bound"), _get(p, "flops_ratio")))
+    log.warning(
+        "calibrate: no operating point has %s on the calibration data; kept the most accurate one "
+        "(drop bound %.3f, FLOPs ratio %.3f)",
+        wanted,
+        _get(best, "accuracy_drop_bound"),
+        _get(best, "flops_ratio"),
+    )
+    return best, False
