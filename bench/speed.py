@@ -178,7 +178,8 @@ def measure(
 ) -> dict:
     fmt = FORMATS[memory_format]
     dyn = dynconvert.load(folder).eval().to(device=device, memory_format=fmt)
-    static = build_model(dyn.recipe.model).eval().to(device=device, memory_format=fmt)
+    # the reference: the network converted, or the last (largest) of the models combined
+    static = build_model(dyn.recipe.model_configs()[-1]).eval().to(device=device, memory_format=fmt)
     data = load_conversion_data(dyn.recipe.data, dyn.preprocess, dyn.recipe.seed).evaluation
     x = normalize(data.images[:images], dyn.preprocess).to(device).contiguous(memory_format=fmt)
     routed = [dyn.route(x[i : i + batch]) for i in range(0, len(x), batch)]
@@ -245,7 +246,7 @@ def measure(
         "model_dir": repo_relative(folder),
         "conversion": conversion_id(folder),
         "strategy": dyn.recipe.strategy,
-        "model": dyn.recipe.model.name,
+        "model": "+".join(c.name for c in dyn.recipe.model_configs()),
         "data": dyn.recipe.data.path,
         "split": data.name,
         "images": len(x),

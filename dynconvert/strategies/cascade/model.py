@@ -30,6 +30,10 @@ class InputAdapter(nn.Module):
         self.register_buffer("scale", scale.view(1, -1, 1, 1), persistent=False)
         self.register_buffer("shift", shift.view(1, -1, 1, 1), persistent=False)
 
+    @property
+    def is_identity(self) -> bool:
+        return self.same and not self.resize
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.resize:
             x = F.interpolate(x, size=self.size, mode=self.mode, align_corners=False, antialias=self.mode != "bicubic")
@@ -108,6 +112,8 @@ class CascadeModel(DynamicModel):
         return mean, mean, total
 
     def route(self, x: torch.Tensor) -> Routed:
+        if x.shape[0] == 1:
+            return self._route_one(x)
         live = self.live_stages()
         batch = x.shape[0]
         out = None
@@ -134,3 +140,13 @@ class CascadeModel(DynamicModel):
             x = x.index_select(0, going)
             total = None if total is None else total.index_select(0, going)
         return Routed(out, decisions)
+
+    def _route_one(self, x: torch.Tensor) -> Routed:
+        """One sample: each decision read as one number, no rows gathered or scattered."""
+        live, thresholds = self.live_stages(), self.dyn.thresholds.tolist()
+        total = None
+        for runs, k in enumerate(live, start=1):
+            answer, judged, total = self.answer(k, self.stages[k](x), total, runs)
+            if k == live[-1] or float(confidence(judged, self.criterion)) >= thresholds[k]:
+                return Routed(answer, torch.full((1,), k, dtype=torch.long, device=x.device))
+        raise AssertionError("the last live stage keeps every sample")

@@ -62,7 +62,7 @@ class Cascade(Strategy):
         """Each model behind an adapter from the reference input; FLOPs per stage counted on ``example``."""
         reference = Preprocess.from_model(models[-1])
         reference.input_size = tuple(example.shape[1:])
-        stages, flops = [], []
+        stages, flops, sizes = [], [], []
         for model in models:
             # the last model takes the reference input as it is; a model without a pretrained
             # configuration is taken to expect it too
@@ -73,7 +73,10 @@ class Cascade(Strategy):
                     f"the cascade's models predict different classes ({_num_classes(model)} and "
                     f"{_num_classes(models[-1])}); give models trained on the same label set"
                 )
-            stage = nn.Sequential(InputAdapter(reference, own, own.input_size[1:]), model.eval())
+            adapter = InputAdapter(reference, own, own.input_size[1:])
+            sizes.append(list(adapter.size))
+            # an adapter with nothing to do is left out: at batch 1 every call costs time
+            stage = model.eval() if adapter.is_identity else nn.Sequential(adapter, model.eval())
             stages.append(stage)
             flops.append(count_flops(stage, example[:1]))
         names = [c.name for c in recipe.model_configs()]
@@ -93,7 +96,7 @@ class Cascade(Strategy):
             "insertion": "none: whole models, each behind an input adapter",
             "models": names,
             "stage_flops": flops,
-            "stage_input_sizes": [list(stage[0].size) for stage in stages],
+            "stage_input_sizes": sizes,
         }
         return dyn.eval()
 
