@@ -45,6 +45,31 @@ MOVED = {
 }
 
 
+# where each moved key went, per strategy that reads it (others dropped the key)
+_UPGRADES = {
+    ("calibrate", "cost"): {"early-exit": "cost"},
+    ("calibrate", "head_overhead_mflops"): {"early-exit": "head_overhead_mflops"},
+    ("calibrate", "latency_runtime"): {"early-exit": "latency_runtime"},
+    ("calibrate", "latency_threads"): {"early-exit": "latency_threads"},
+    ("train", "tune_backbone"): {"skipnet": "tune_backbone"},
+    ("train", "backbone_lr"): {"skipnet": "backbone_lr", "blockdrop": "backbone_lr"},
+}
+
+
+def upgrade_saved_recipe(data: dict[str, Any]) -> dict[str, Any]:
+    """A recipe saved by an earlier version, in today's form: the keys that moved from shared
+    sections into a strategy's ``options`` are moved there (or dropped where the strategy has
+    no such option), so conversions saved before still load. Returns ``data``, changed in place."""
+    strategy = str(data.get("strategy", "early-exit")).replace("_", "-")
+    for (section, key), targets in _UPGRADES.items():
+        values = data.get(section)
+        if isinstance(values, dict) and key in values:
+            value = values.pop(key)
+            if strategy in targets:
+                data.setdefault("options", {}).setdefault(targets[strategy], value)
+    return data
+
+
 def from_dict(cls, data: dict[str, Any] | None, where: str = "", source: str | None = None):
     """Build dataclass ``cls`` from a nested dict, rejecting unknown keys (naming moved ones) and wrong types."""
     return _from_dict(cls, data, where, source, MOVED)

@@ -333,3 +333,25 @@ def test_fuzz_from_dict_builds_or_raises_dynconvert_error(data):
         return
     assert isinstance(recipe.train.epochs, int) and recipe.train.epochs >= 0
     assert isinstance(recipe.train.lr, float) and not recipe.train.lr < 0
+
+
+def test_a_recipe_saved_before_strategy_options_moved_is_upgraded_on_load():
+    from dynconvert.recipe import upgrade_saved_recipe
+
+    saved = {
+        "strategy": "early-exit",
+        "model": {"name": "cifar_resnet20"},
+        "train": {"epochs": 2, "tune_backbone": [], "backbone_lr": 1e-4},
+        "calibrate": {"max_accuracy_drop": 0.01, "cost": "flops", "head_overhead_mflops": 4.0},
+        "options": {"fractions": [0.5]},
+    }
+    recipe = from_dict(Recipe, upgrade_saved_recipe(saved))
+    assert recipe.options == {"fractions": [0.5], "cost": "flops", "head_overhead_mflops": 4.0}
+    assert strategy_config(recipe).head_overhead_mflops == 4.0
+    skipnet = upgrade_saved_recipe({"strategy": "skipnet", "train": {"tune_backbone": ["layer3"], "backbone_lr": 0.01}})
+    assert skipnet["options"] == {"tune_backbone": ["layer3"], "backbone_lr": 0.01} and skipnet["train"] == {}
+
+
+def test_keys_that_moved_say_where_they_went():
+    with pytest.raises(DynconvertError, match="has moved: set 'options.cost"):
+        build("calibrate.cost=latency")

@@ -78,7 +78,7 @@ def load_dynamic(
     """
     from dynconvert.convert.build import build_model, file_sha256
     from dynconvert.convert.pipeline import seed_everything
-    from dynconvert.recipe import from_dict
+    from dynconvert.recipe import from_dict, upgrade_saved_recipe
 
     folder = Path(folder)
     if (folder / "model" / META_FILE).is_file():
@@ -88,7 +88,8 @@ def load_dynamic(
     meta = json.loads((folder / META_FILE).read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise DynconvertError(f"'{folder}' was saved in format {meta.get('format_version')}; expected {FORMAT_VERSION}")
-    recipe = from_dict(Recipe, yaml.safe_load((folder / RECIPE_FILE).read_text()), source=str(folder / RECIPE_FILE))
+    saved = upgrade_saved_recipe(yaml.safe_load((folder / RECIPE_FILE).read_text()) or {})
+    recipe = from_dict(Recipe, saved, source=str(folder / RECIPE_FILE))
     base_info = meta["base"]
     if model is None:
         for base in _bases(base_info):
