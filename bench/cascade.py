@@ -1,13 +1,16 @@
-"""The model cascade of the two pretrained CIFAR-10 ResNets, as a user types it.
+"""Cascades as a user types them: of two pretrained models, and of one model's input sizes.
 
-    python bench/cascade.py [--data cifar10-jpeg]
+    python bench/cascade.py [--kind models|resolution]
 
-``dynconvert cifar_resnet20 cifar_resnet56 --strategy cascade --weights W20 W56 --data DATA``:
-thresholds (and whether to average the stages' probabilities) chosen on a fifth of the train
-split held out, evaluation on the whole test split. Records each model alone on the test split
-beside the cascade, the loss against ResNet-56 alone and against the most accurate point of the
-cascade's own sweep, and the conversion's wall time. Writes bench/results/cascade.json and
-bench/results/cascade_cifar_resnet20+56.png (the report's curve, each model alone marked).
+``models``: ``dynconvert cifar_resnet20 cifar_resnet56 --strategy cascade --weights W20 W56
+--data cifar10-jpeg``, evaluated on the whole test split. ``resolution``: ``dynconvert
+tf_efficientnet_lite0 --strategy resolution --weights LITE0 --data tiny-imagenet``, evaluated on
+all 10,000 validation images, 200-way (the ImageNet-1k logits restricted to Tiny-ImageNet's
+classes). Thresholds (and whether to average the stages' probabilities) are chosen on held-out
+training images. Records each model or size alone on the evaluation split beside the cascade,
+the loss against the reference (the last model, or the native size) and against the most
+accurate point of the cascade's own sweep, and the conversion's wall time. Writes
+bench/results/cascade.json or resolution.json and the report's curve as a PNG beside it.
 """
 
 from __future__ import annotations
@@ -17,25 +20,45 @@ import shutil
 
 from common import OUT, RESULTS, SHARED, machine, run_cli, write_result
 
+MODELS = SHARED / "models"
+KINDS = {
+    "models": {
+        "name": "cascade",
+        "command": [
+            *("cifar_resnet20", "cifar_resnet56", "--strategy", "cascade", "--weights"),
+            *(str(MODELS / "resnet20-12fca82f.th"), str(MODELS / "resnet56-4bfd9763.th")),
+            *("--data", str(SHARED / "data" / "cifar10-jpeg")),
+        ],
+        "out": "cascade-cifar_resnet20+56-cifar10-jpeg",
+        "plot": "cascade_cifar_resnet20+56.png",
+    },
+    "resolution": {
+        "name": "resolution",
+        "command": [
+            *("tf_efficientnet_lite0", "--strategy", "resolution", "--weights"),
+            str(MODELS / "imagenet" / "tf_efficientnet_lite0.safetensors"),
+            *("--data", str(SHARED / "data" / "tiny-imagenet")),
+        ],
+        "out": "resolution-tf_efficientnet_lite0-tiny-imagenet",
+        "plot": "resolution_tf_efficientnet_lite0_tiny-imagenet.png",
+    },
+}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", default="cifar10-jpeg")
-    args = parser.parse_args()
-    models = SHARED / "models"
-    command = ["cifar_resnet20", "cifar_resnet56", "--strategy", "cascade", "--weights"]
-    command += [str(models / "resnet20-12fca82f.th"), str(models / "resnet56-4bfd9763.th")]
-    command += ["--data", str(SHARED / "data" / args.data)]
-    out = OUT / f"cascade-cifar_resnet20+56-{args.data}"
-    report, seconds = run_cli(command, out)
-    shutil.copy(out / "report.png", RESULTS / "cascade_cifar_resnet20+56.png")
+    parser.add_argument("--kind", choices=sorted(KINDS), default="models")
+    kind = KINDS[parser.parse_args().kind]
+    out = OUT / kind["out"]
+    report, seconds = run_cli(kind["command"], out)
+    shutil.copy(out / "report.png", RESULTS / kind["plot"])
     alone = {p["label"]: p for p in report["sweep_on_evaluation"] if "label" in p}
     calibration = report["calibration"]
     result = {
         "machine": machine(),
-        "data": args.data,
-        "command": "dynconvert " + " ".join(command),
+        "command": "dynconvert " + " ".join(kind["command"]),
         "splits": report["splits"],
+        "classes": report["classes"],
         "evaluated_samples": report["evaluated_samples"],
         "reference_accuracy": report["static"]["accuracy"],
         "dynamic_accuracy": report["dynamic"]["accuracy"],
@@ -43,9 +66,7 @@ def main() -> None:
         "accuracy_drop_vs_best_point_points": 100 * report["accuracy_drop_vs_best_point"],
         "flops_ratio": report["flops_ratio"],
         "stage_histogram": report["dynamic"]["stage_histogram"],
-        "models_alone": {
-            name: {"accuracy": p["accuracy"], "flops_ratio": p["flops_ratio"]} for name, p in alone.items()
-        },
+        "alone": {name: {"accuracy": p["accuracy"], "flops_ratio": p["flops_ratio"]} for name, p in alone.items()},
         "combine": calibration["combine"],
         "combine_tried": calibration["combine_tried"],
         "temperatures": calibration["temperatures"],
@@ -54,11 +75,12 @@ def main() -> None:
         "latency_batch1": report["latency"],
         "conversion_seconds": seconds,
     }
-    write_result("cascade", result)
+    write_result(kind["name"], result)
+    best_alone = max(p["accuracy"] for p in alone.values())
     print(
-        f"cascade: ResNet-56 alone {100 * result['reference_accuracy']:.2f}% -> "
-        f"{100 * result['dynamic_accuracy']:.2f}% "
-        f"({result['accuracy_change_points']:+.2f} pt), FLOPs ratio {result['flops_ratio']:.3f}, {seconds / 60:.1f} min"
+        f"{kind['name']}: reference {100 * result['reference_accuracy']:.2f}% -> "
+        f"{100 * result['dynamic_accuracy']:.2f}% ({result['accuracy_change_points']:+.2f} pt; best alone "
+        f"{100 * best_alone:.2f}%), FLOPs ratio {result['flops_ratio']:.3f}, {seconds / 60:.1f} min"
     )
 
 

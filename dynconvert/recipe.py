@@ -121,10 +121,20 @@ def read_recipe_source(name_or_path: str) -> tuple[dict[str, Any], str]:
     return data, source
 
 
+# model name prefixes that share built-in recipes, and the family name the recipes carry
+FAMILIES = (
+    ("cifar_resnet", "cifar_resnet"),
+    ("tf_efficientnet_lite", "efficientnet"),
+    ("efficientnet_", "efficientnet"),
+    ("tf_efficientnet_", "efficientnet"),
+    ("mobilenetv", "efficientnet"),
+)
+
+
 def default_recipe_name(model_name: str, strategy: str) -> str | None:
     """The built-in recipe for a model family and strategy, or None when there is none."""
     names = builtin_recipe_names()
-    family = "cifar_resnet" if model_name.startswith("cifar_resnet") else model_name
+    family = next((f for prefix, f in FAMILIES if model_name.startswith(prefix)), model_name)
     candidate = f"{family}-{strategy}"
     return candidate if candidate in names else None
 

@@ -33,3 +33,22 @@ def test_resnet50_recipe_smoke(tiny_imagenet_style_data, tmp_path):
     assert report["evaluated_samples"] == 6
     assert 0 < report["flops_ratio"] <= 1.05
     assert report["inserted_flops"] < 0.05 * report["static"]["flops"]
+
+
+def test_every_builtin_recipe_builds_for_its_family():
+    for name in dynconvert.builtin_recipe_names():
+        family, strategy = name.split("-", 1)
+        model = {"cifar_resnet": "cifar_resnet20", "efficientnet": "tf_efficientnet_lite0"}.get(family, family)
+        models = [model, "cifar_resnet56"] if strategy == "cascade" else model
+        assert default_recipe_name(model, strategy) == name
+        assert build_recipe(None, models, strategy).strategy == strategy
+
+
+def test_efficientnet_resolution_recipe_takes_its_preprocessing_from_the_model():
+    import timm
+
+    from dynconvert.toolkit.data import Preprocess
+
+    prep = Preprocess.from_model(timm.create_model("tf_efficientnet_lite0", pretrained=False))
+    assert prep.mean == prep.std == (0.5, 0.5, 0.5) and prep.interpolation == "bicubic"
+    assert build_recipe(None, "mobilenetv3_large_100", "resolution").options["scales"] == [0.5, 0.75, 1.0]

@@ -24,6 +24,7 @@ from dynconvert.recipe import build_recipe
 from dynconvert.strategies import get_strategy
 from dynconvert.toolkit import distributed
 from dynconvert.toolkit.checkpoint import CHECKPOINT, Checkpointer, work_folder
+from dynconvert.toolkit.classes import ClassSubset, match_classes
 from dynconvert.toolkit.data import Preprocess, load_conversion_data
 from dynconvert.toolkit.train import NonFiniteLoss
 
@@ -101,10 +102,18 @@ def _convert(recipe: Recipe, model, out, force: bool, resume: bool):
             "use a model or weights for this label set (--set model.num_classes=N for a new head)"
         )
     num_classes = num_classes or data.num_classes
+    match = match_classes(data.class_names, models[-1], num_classes)
+    if match is not None:  # logits restricted to the data set's classes, static and dynamic alike
+        log.info("the data set's %d classes matched the model's %d by %s", len(match.indices), num_classes, match.how)
+        classes = match.describe(num_classes)
+        models = [ClassSubset(m, match.indices).eval() for m in models]
+        num_classes = len(match.indices)
     example = torch.randn(2, *prep.input_size, device=recipe.device)
     dyn = strategy.prepare(models, recipe, example, num_classes).to(recipe.device)
     dyn.recipe, dyn.preprocess = recipe, prep
     dyn.base_info = base_info(configs, num_classes)
+    if match is not None:
+        dyn.base_info["class_subset"] = classes
     model = models[-1]
     fitted = _fit(strategy, dyn, data, prep, recipe, checkpointer)
     static = evaluate_static(model, data.evaluation, prep, recipe.data.batch_size, recipe.device)
@@ -121,6 +130,8 @@ def _convert(recipe: Recipe, model, out, force: bool, resume: bool):
         "model": "+".join(c.name for c in configs),
         "strategy": recipe.strategy,
         "plan": dyn.plan,
+        "classes": dyn.base_info.get("class_subset")
+        or {"data_classes": data.num_classes, "model_classes": num_classes, "how": "as they are"},
         "inserted_flops": dyn.inserted_flops(),
         "calibration": fitted,
         "calibration_check": _calibration_note(recipe, data, fitted, static, dynamic),

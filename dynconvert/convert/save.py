@@ -19,6 +19,7 @@ from dynconvert.errors import DynconvertError
 from dynconvert.files import folder_replaced_on_success
 from dynconvert.runtime.dynamic import DynamicModel
 from dynconvert.strategies import get_strategy
+from dynconvert.toolkit.classes import ClassSubset
 from dynconvert.toolkit.data import Preprocess
 
 FORMAT_VERSION = 1
@@ -102,6 +103,9 @@ def load_dynamic(
         models = list(model) if isinstance(model, (list, tuple)) else [model]
     strategy = get_strategy(meta["strategy"]).from_options(recipe.options)
     prep = Preprocess.from_model(models[-1])
+    subset = base_info.get("class_subset")
+    if subset:  # restricted to the data set's classes, as at conversion
+        models = [ClassSubset(m, subset["indices"]).eval() for m in models]
     if meta.get("input_size"):  # the size the conversion ran at (inserted heads depend on it)
         prep.input_size = tuple(meta["input_size"])
     example = torch.randn(2, *prep.input_size)

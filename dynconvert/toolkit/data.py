@@ -124,12 +124,35 @@ def choose_splits(available: list[str], config: DataConfig) -> tuple[str, str | 
     return config.train_split, calibration, evaluation
 
 
-def decode_split(dataset, image_column: str, label_column: str, prep: Preprocess, name: str, limit=None):
-    """Decode one split into an :class:`ImageSplit`, using the on-disk cache when enabled."""
+def stratified_sample(labels: torch.Tensor, limit: int, seed: int = 0) -> torch.Tensor:
+    """Sorted indices of ``limit`` samples drawn so that every class keeps its share (to within
+    one sample), in a seeded order: the cap of a folder sorted by class still covers every class."""
+    n = len(labels)
+    if limit >= n:
+        return torch.arange(n)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    shuffled = labels[order]
+    grouped = torch.argsort(shuffled, stable=True)  # by class, the seeded order kept within each
+    counts = torch.bincount(shuffled)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty(n, dtype=torch.long)
+    rank[grouped] = torch.arange(n) - starts[shuffled[grouped]]
+    # the k-th of a class of c samples sits at (k + 1/2) / c: taking the lowest positions first
+    # takes from every class in proportion
+    position = (rank.double() + 0.5) / counts[shuffled].double()
+    chosen = order[torch.argsort(position, stable=True)[:limit]]
+    return torch.sort(chosen).values
+
+
+def decode_split(dataset, image_column: str, label_column: str, prep: Preprocess, name: str, limit=None, seed: int = 0):
+    """Decode one split into an :class:`ImageSplit`, using the on-disk cache when enabled.
+
+    ``limit`` caps the images by a class-stratified, seeded sample (``stratified_sample``)."""
     import datasets
 
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
+    if limit is not None and limit < len(dataset):
+        labels = torch.tensor(np.asarray(dataset[label_column]), dtype=torch.long)
+        dataset = dataset.select(stratified_sample(labels, limit, seed).tolist())
     fingerprint = getattr(dataset, "_fingerprint", None)
     key = hashlib.sha256(repr((fingerprint, image_column, label_column, prep.input_size, prep.crop_pct)).encode())
     cache_file = _cache_dir() / f"{key.hexdigest()[:24]}.pt" if fingerprint else None
@@ -193,10 +216,10 @@ def load_conversion_data(config: DataConfig, prep: Preprocess, seed: int = 0) ->
     image_col, label_col = find_columns(dsd[fit_name].features, config)
     label_feature = dsd[fit_name].features[label_col]
     num_classes = label_feature.num_classes
-    fit = decode_split(dsd[fit_name], image_col, label_col, prep, fit_name, config.max_train_samples)
-    evaluation = decode_split(dsd[eval_name], image_col, label_col, prep, eval_name, config.max_eval_samples)
+    fit = decode_split(dsd[fit_name], image_col, label_col, prep, fit_name, config.max_train_samples, seed)
+    evaluation = decode_split(dsd[eval_name], image_col, label_col, prep, eval_name, config.max_eval_samples, seed)
     if cal_name:
-        calibration = decode_split(dsd[cal_name], image_col, label_col, prep, cal_name, config.max_eval_samples)
+        calibration = decode_split(dsd[cal_name], image_col, label_col, prep, cal_name, config.max_eval_samples, seed)
     else:
         order = torch.randperm(len(fit), generator=torch.Generator().manual_seed(seed))
         n_cal = max(1, int(round(len(fit) * config.calibration_fraction)))

@@ -36,7 +36,8 @@ class InputAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.resize:
-            x = F.interpolate(x, size=self.size, mode=self.mode, align_corners=False, antialias=self.mode != "bicubic")
+            # antialiased, as an image library shrinks an image: plain interpolation aliases when downsampling
+            x = F.interpolate(x, size=self.size, mode=self.mode, align_corners=False, antialias=True)
         return x if self.same else x * self.scale + self.shift
 
 
