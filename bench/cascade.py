@@ -30,6 +30,7 @@ KINDS = {
             *("--data", str(SHARED / "data" / "cifar10-jpeg")),
         ],
         "out": "cascade-cifar_resnet20+56-cifar10-jpeg",
+        "data": "cifar10-jpeg",
         "plot": "cascade_cifar_resnet20+56.png",
     },
     "resolution": {
@@ -40,6 +41,7 @@ KINDS = {
             *("--data", str(SHARED / "data" / "tiny-imagenet")),
         ],
         "out": "resolution-tf_efficientnet_lite0-tiny-imagenet",
+        "data": "tiny-imagenet",
         "plot": "resolution_tf_efficientnet_lite0_tiny-imagenet.png",
     },
 }
@@ -55,12 +57,13 @@ def main() -> None:
     alone = {p["label"]: p for p in report["sweep_on_evaluation"] if "label" in p}
     calibration = report["calibration"]
     result = {
-        "machine": machine(),
+        "variant": "default",
+        "data": kind["data"],
         "command": "dynconvert " + " ".join(kind["command"]),
         "splits": report["splits"],
         "classes": report["classes"],
         "evaluated_samples": report["evaluated_samples"],
-        "reference_accuracy": report["static"]["accuracy"],
+        "static_accuracy": report["static"]["accuracy"],
         "dynamic_accuracy": report["dynamic"]["accuracy"],
         "accuracy_change_points": 100 * report["accuracy_change"],
         "accuracy_drop_vs_best_point_points": 100 * report["accuracy_drop_vs_best_point"],
@@ -75,10 +78,10 @@ def main() -> None:
         "latency_batch1": report["latency"],
         "conversion_seconds": seconds,
     }
-    write_result(kind["name"], result)
+    write_result(kind["name"], {"machine": machine(), "runs": [result]})
     best_alone = max(p["accuracy"] for p in alone.values())
     print(
-        f"{kind['name']}: reference {100 * result['reference_accuracy']:.2f}% -> "
+        f"{kind['name']}: reference {100 * result['static_accuracy']:.2f}% -> "
         f"{100 * result['dynamic_accuracy']:.2f}% ({result['accuracy_change_points']:+.2f} pt; best alone "
         f"{100 * best_alone:.2f}%), FLOPs ratio {result['flops_ratio']:.3f}, {seconds / 60:.1f} min"
     )

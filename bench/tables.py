@@ -162,6 +162,7 @@ README_ROWS = [
     ("early exit", "early_exit.json"),
     ("SkipNet", "skipnet.json"),
     ("BlockDrop", "blockdrop.json"),
+    ("cascade ResNet-20 → 56", "cascade.json"),
 ]
 README_DATA = "cifar10-jpeg"
 README_SPEED = "speed.json"
@@ -190,7 +191,9 @@ def timed_row(run: dict, timed: list[dict]) -> dict | None:
     model = run["command"].split()[1]
     data = Path(command_option(run["command"], "--data")).name
     for r in timed:
-        if (r["strategy"], r["model"], Path(r["data"]).name) == (strategy, model, data) and math.isclose(
+        # a cascade's speed row names its models joined by "+", its command the first one first
+        timed_model = r["model"].split("+")[0]
+        if (r["strategy"], timed_model, Path(r["data"]).name) == (strategy, model, data) and math.isclose(
             r.get("accuracy_change_points", math.nan), run["accuracy_change_points"], abs_tol=1e-9
         ):
             return r
