@@ -37,7 +37,10 @@ def worker(model_dir: str, images: int, batch: int) -> None:
     import torch
 
     import dynconvert
-    from dynconvert.toolkit.data import load_conversion_data, normalize
+    try:
+        from dynconvert.toolkit.data import load_conversion_data, normalize
+    except ImportError:  # revisions from before the toolkit moved out of convert/
+        from dynconvert.convert.data import load_conversion_data, normalize
 
     with torch.inference_mode():
         dyn = dynconvert.load(model_dir).eval()
