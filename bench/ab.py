@@ -37,6 +37,7 @@ def worker(model_dir: str, images: int, batch: int) -> None:
     import torch
 
     import dynconvert
+
     try:
         from dynconvert.toolkit.data import load_conversion_data, normalize
     except ImportError:  # revisions from before the toolkit moved out of convert/
