@@ -35,7 +35,7 @@ import dynconvert
 from dynconvert.convert.build import build_model
 from dynconvert.export import export_static_onnx
 from dynconvert.export.check import ort_session
-from dynconvert.export.graphs import FORMS, export_graph
+from dynconvert.export.graphs import FORMS
 from dynconvert.toolkit.data import load_conversion_data, normalize
 
 DEFAULT_DIRS = [
@@ -69,7 +69,7 @@ def measure(folder: Path, images: int, repeats: int, threads: int, rounds: int) 
     target = OUT / "onnx" / folder.name
     target.mkdir(parents=True, exist_ok=True)
     paths = {"static": target / "static.onnx", "static_plain": target / "static-plain.onnx"}
-    static = build_model(dyn.recipe.model)
+    static = build_model(dyn.recipe.model_configs()[-1])
     export_static_onnx(static, paths["static"], x[:2], overwrite=True)
     export_static_onnx(static, paths["static_plain"], x[:2], overwrite=True, prepare=False)
     checks = {}
@@ -77,7 +77,8 @@ def measure(folder: Path, images: int, repeats: int, threads: int, rounds: int) 
         for form in FORMS:
             paths[form] = target / f"dynamic-{form}.onnx"
             checks[form] = dynconvert.export_onnx(dyn, paths[form], form=form, images=x[:512], overwrite=True)
-    default = export_graph(dyn, x[:1]).form
+    strategy = dynconvert.get_strategy(dyn.recipe.strategy).from_options(dyn.recipe.options)
+    default = strategy.export_graph(dyn, x[:1]).form
     records = torch.cat([dyn.route(x[i : i + 64]).decisions for i in range(0, images, 64)])[:images]
     flops_ratio = float(dyn.flops_of(records).mean()) / dyn.static_flops()
     sessions = {key: ort_session(path, threads) for key, path in paths.items()}

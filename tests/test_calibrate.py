@@ -7,7 +7,7 @@ import torch
 from conftest import TINY_RUN
 
 import dynconvert
-from dynconvert.runtime.early_exit import exit_cost_table
+from dynconvert.runtime.cost_table import exit_cost_table
 from dynconvert.toolkit.calibrate import OFF, threshold_sweep
 from dynconvert.toolkit.choose import choose_point
 

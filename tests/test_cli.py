@@ -134,3 +134,22 @@ def test_quiet_hides_the_progress_bars(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr("dynconvert.cli.set_quiet", lambda quiet: quiet_during_run.append(quiet))
     main(["cifar_resnet20", "--data", str(tiny_data), "--strategy", "nope", "--out", str(tmp_path), "-q"])
     assert quiet_during_run == [True, False]  # on while it runs, off again after
+
+
+@pytest.mark.parametrize("strategy", ["early-exit", "skipnet", "blockdrop", "cascade", "resolution"])
+def test_list_options_shows_every_option_with_its_default_and_help(strategy, capsys):
+    import dataclasses
+
+    from dynconvert.strategies import get_strategy
+
+    assert main(["--list-options", strategy]) == 0
+    out = capsys.readouterr().out
+    config = get_strategy(strategy).config_class
+    for field in dataclasses.fields(config):
+        assert f"options.{field.name}" in out
+        assert field.metadata.get("help"), f"{strategy}: options.{field.name} has no help text"
+
+
+def test_no_model_is_a_clear_error(capsys):
+    assert main([]) == 2
+    assert "name the model to convert" in capsys.readouterr().err

@@ -155,8 +155,8 @@ def test_block_skip_export_runs_every_convolution_in_the_blocked_layout(tmp_path
 
 
 def test_block_skip_export_prepares_only_the_unit_inputs_that_arrive_in_plain_layout():
-    from dynconvert.export.graphs import BlockSkipGraph
     from dynconvert.export.layout import blocked_identity
+    from dynconvert.strategies.block_skip_graph import BlockSkipGraph
 
     dyn = make_decisive(tiny("skipnet", ["options.gate=feedforward"]))
     assert dyn.droppable == [False, True, True, True]  # the stem, then one block per stage

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from dynconvert.runtime.confidence import confidence, row_confidence
+from dynconvert.runtime.cost_table import exit_cost_table
 from dynconvert.runtime.dynamic import DynamicModel, Routed
 from dynconvert.runtime.flat_graph import FlatRunners
 from dynconvert.runtime.folding import foldings_held, foldings_unchanged
@@ -231,17 +232,3 @@ def _in_batches(module: nn.Module, h: torch.Tensor, batch_size: int) -> torch.Te
     if h.shape[0] <= batch_size:
         return module(h)
     return torch.cat([module(part) for part in h.split(batch_size)])
-
-
-def exit_cost_table(segment_costs: torch.Tensor, head_costs: torch.Tensor, enabled: torch.Tensor) -> torch.Tensor:
-    """Cost of leaving at each exit (the last entry: running to the end), when only ``enabled``
-    heads are computed: a head whose threshold no sample can reach is never run.
-
-    Args:
-        segment_costs: (exits + 1,) cost of each backbone segment.
-        head_costs: (exits,) cost of computing each head and its decision.
-        enabled: (exits,) bool, which heads run.
-    """
-    segments = torch.cumsum(segment_costs.double(), 0)
-    heads = torch.cumsum(head_costs.double() * enabled.double(), 0)
-    return torch.cat([segments[:-1] + heads, segments[-1:] + heads[-1:]])

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from dynconvert.export.graphs import BlockSkipGraph
 from dynconvert.runtime.block_skip import BlockSkipModel
 from dynconvert.strategies import block_skip_common as common
 from dynconvert.strategies.base import Strategy
+from dynconvert.strategies.block_skip_graph import BlockSkipGraph
 
 # an offset no keep-logit overcomes: the gate always opens (or, negated, always closes)
 OPEN = 1e4

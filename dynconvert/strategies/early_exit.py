@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from dynconvert.errors import DynconvertError
-from dynconvert.export.graphs import EarlyExitGraph
 from dynconvert.options import check_choice, check_range, option
 from dynconvert.passes import CutPoint, exit_points_of, find_cut_points, insert_exit_heads, split_at
 from dynconvert.passes.analysis import is_channels_last
@@ -27,6 +26,7 @@ from dynconvert.runtime.heads import ACTIVATIONS, NORMS, ExitHead
 from dynconvert.runtime.stage_exits import StageExitModel
 from dynconvert.strategies.base import Strategy
 from dynconvert.strategies.early_exit_calibration import calibrate_exits
+from dynconvert.strategies.early_exit_graph import EarlyExitGraph
 from dynconvert.strategies.registry import register_strategy
 from dynconvert.toolkit.calibrate import exit_confidences, simulate_exits
 from dynconvert.toolkit.checkpoint import Checkpointer

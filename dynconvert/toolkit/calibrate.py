@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dynconvert.runtime.confidence import confidence
-from dynconvert.runtime.early_exit import exit_cost_table
+from dynconvert.runtime.cost_table import exit_cost_table
 
 # the accuracy drop must stay within budget with 95% confidence (one-sided) on the calibration data
 CONFIDENCE_Z = 1.645

@@ -8,15 +8,8 @@ import torch
 from torch import nn
 
 from dynconvert.export.frozen import frozen_copy
+from dynconvert.export.graphs import rows_of
 from dynconvert.runtime.confidence import confidence
-
-
-def _rows(mask: torch.Tensor) -> torch.Tensor:
-    """Indices of the true entries of a 1-D mask, a size torch.export can reason about."""
-    rows = mask.nonzero().reshape(-1)
-    torch._check(rows.shape[0] >= 0)
-    torch._check(rows.shape[0] <= mask.shape[0])
-    return rows
 
 
 class CascadeGraph(nn.Module):
@@ -74,7 +67,7 @@ class CascadeGraph(nn.Module):
         for i in range(len(self.stages) - 1):
             answer, judged, total = self._answer(i, self.stages[i](x), total)
             keep = confidence(judged, self.criterion) >= self.thresholds[i]
-            gone, stay = _rows(keep), _rows(~keep)
+            gone, stay = rows_of(keep), rows_of(~keep)
             left = rows.index_select(0, gone)
             out = out.index_copy(0, left, answer.index_select(0, gone))
             stages = stages.index_fill(0, left, self.stage_index[i])
