@@ -13,6 +13,7 @@ import torch
 import dynconvert
 from dynconvert.cli import main
 from dynconvert.runtime.confidence import confidence
+from dynconvert.strategies.cascade.model import CascadeModel
 from dynconvert.toolkit.costs import count_flops
 
 pytest.importorskip("onnxruntime")
@@ -152,3 +153,20 @@ def test_a_later_model_cheaper_than_an_earlier_one_is_warned_about(tiny_data, tw
             evaluate={"latency_samples": 0},
         )
     assert "is cheaper than cifar_resnet32 before it" in caplog.text
+
+
+def test_agreement_rule_hands_on_what_disagrees_with_the_stage_before():
+    torch.manual_seed(0)
+    stages = [torch.nn.Linear(6, 4) for _ in range(3)]
+    dyn = CascadeModel(stages, [1.0, 2.0, 4.0]).eval()
+    dyn.dyn.agreement.fill_(1.0)
+    dyn.dyn.thresholds.copy_(torch.tensor([2.0, 0.01]))  # the first keeps nothing, the second all it agrees on
+    x = torch.randn(64, 6)
+    with torch.no_grad():
+        routed = dyn.route(x)
+        agree = stages[1](x).argmax(1) == stages[0](x).argmax(1)
+        one_by_one = torch.cat([dyn.route(row[None]).decisions for row in x])
+    assert 0 < int(agree.sum()) < len(x)
+    assert torch.equal(routed.decisions, torch.where(agree, 1, 2))
+    assert torch.equal(one_by_one, routed.decisions)
+    assert dyn.live_stages() == [0, 1, 2], "the stage before must run for the rule to judge"

@@ -9,7 +9,7 @@ from torch import nn
 
 from dynconvert.export.frozen import frozen_copy
 from dynconvert.export.graphs import rows_of
-from dynconvert.runtime.confidence import confidence
+from dynconvert.strategies.cascade.model import stage_answer, stage_confidence
 
 
 class CascadeGraph(nn.Module):
@@ -26,36 +26,41 @@ class CascadeGraph(nn.Module):
         self.thresholds = [thresholds[k] for k in self.stage_index[:-1]]
         self.temperatures = [float(dyn.dyn.temperatures[k]) for k in self.stage_index]
         self.combine = bool(dyn.dyn.combine)
+        self.agreement = bool(dyn.dyn.agreement)
         self.criterion = dyn.criterion
         with torch.no_grad():
             self.num_classes = int(self.stages[-1](example[:1]).shape[1])
 
     def _answer(self, i: int, logits: torch.Tensor, total: torch.Tensor):
-        """(answer, what confidence is judged on, running sum of probabilities), as the model's ``answer``."""
-        scaled = logits.float() / self.temperatures[i]
-        if not self.combine:
-            return logits, scaled, total
-        total = total + torch.softmax(scaled, dim=-1)
-        mean = torch.log((total / (i + 1)).clamp_min(1e-12))
-        return mean, mean, total
+        return stage_answer(logits, self.temperatures[i], total, i + 1, self.combine)
+
+    def _keeps(self, i: int, judged: torch.Tensor, own: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """Stage ``i``'s decision; ``previous`` (the stage before's predictions) counts under the agreement rule."""
+        previous = previous if self.agreement and i > 0 else None
+        return stage_confidence(judged, self.criterion, own, previous) >= self.thresholds[i]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.cond(x.shape[0] == 1, self._one_sample, self._batched, (x,))
 
     def _one_sample(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._from_stage(0, x, x.new_zeros((1, self.num_classes)))
+        none = torch.zeros((1,), dtype=torch.long, device=x.device)
+        return self._from_stage(0, x, x.new_zeros((1, self.num_classes)), none)
 
-    def _from_stage(self, i: int, x: torch.Tensor, total: torch.Tensor):
-        answer, judged, total = self._answer(i, self.stages[i](x), total)
+    def _from_stage(self, i: int, x: torch.Tensor, total: torch.Tensor, previous: torch.Tensor):
+        own = self.stages[i](x)
+        answer, judged, total = self._answer(i, own, total)
         if i == len(self.stages) - 1:
             return answer, torch.full((1,), self.stage_index[i], dtype=torch.long, device=x.device)
-        keep = confidence(judged, self.criterion) >= self.thresholds[i]
+        keep = self._keeps(i, judged, own, previous)
         index = self.stage_index[i]
         return torch.cond(
             keep,
-            lambda x, answer, total: (answer.clone(), torch.full((1,), index, dtype=torch.long, device=x.device)),
-            lambda x, answer, total: self._from_stage(i + 1, x, total),
-            (x, answer, total),
+            lambda x, answer, total, own: (
+                answer.clone(),
+                torch.full((1,), index, dtype=torch.long, device=x.device),
+            ),
+            lambda x, answer, total, own: self._from_stage(i + 1, x, total, own.argmax(1)),
+            (x, answer, total, own),
         )
 
     def _batched(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,13 +69,16 @@ class CascadeGraph(nn.Module):
         out = x.new_zeros((batch, self.num_classes))
         stages = torch.full((batch,), self.stage_index[-1], dtype=torch.long, device=x.device)
         total = x.new_zeros((batch, self.num_classes))
+        previous = torch.zeros((batch,), dtype=torch.long, device=x.device)
         for i in range(len(self.stages) - 1):
-            answer, judged, total = self._answer(i, self.stages[i](x), total)
-            keep = confidence(judged, self.criterion) >= self.thresholds[i]
+            own = self.stages[i](x)
+            answer, judged, total = self._answer(i, own, total)
+            keep = self._keeps(i, judged, own, previous)
             gone, stay = rows_of(keep), rows_of(~keep)
             left = rows.index_select(0, gone)
             out = out.index_copy(0, left, answer.index_select(0, gone))
             stages = stages.index_fill(0, left, self.stage_index[i])
             x, rows, total = x.index_select(0, stay), rows.index_select(0, stay), total.index_select(0, stay)
+            previous = own.argmax(1).index_select(0, stay)
         answer, _, _ = self._answer(len(self.stages) - 1, self.stages[-1](x), total)
         return out.index_copy(0, rows, answer), stages

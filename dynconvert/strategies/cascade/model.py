@@ -41,6 +41,30 @@ class InputAdapter(nn.Module):
         return x if self.same else x * self.scale + self.shift
 
 
+def stage_answer(logits: torch.Tensor, temperature, total: torch.Tensor | None, runs: int, combine: bool):
+    """What a stage answers with, what its confidence is judged on, and the running sum of
+    calibrated probabilities: its own logits and their calibrated form, or, when combining, the
+    log of the average calibrated probabilities of the ``runs`` stages run so far (both).
+
+    The one rule of the model, its export form and the calibration sweep."""
+    scaled = logits.float() / temperature
+    if not combine:
+        return logits, scaled, total
+    probs = torch.softmax(scaled, dim=-1)
+    total = probs if total is None else total + probs
+    mean = torch.log((total / runs).clamp_min(1e-12))
+    return mean, mean, total
+
+
+def stage_confidence(judged: torch.Tensor, criterion: str, own: torch.Tensor, previous: torch.Tensor | None):
+    """The confidence a stage keeps a sample by; with ``previous`` (the stage before's own
+    predictions: the agreement rule) a sample whose prediction differs from it has none."""
+    conf = confidence(judged, criterion)
+    if previous is None:
+        return conf
+    return torch.where(own.argmax(1) == previous, conf, torch.zeros_like(conf))
+
+
 class CascadeModel(DynamicModel):
     """Stages (each an input adapter and a whole model) run in turn; per sample the decision is
     the stage whose prediction it kept.
@@ -51,9 +75,11 @@ class CascadeModel(DynamicModel):
         criterion: ``"max_softmax"`` or ``"entropy"``.
 
     Inserted state (``dyn.``): a threshold per stage but the last (starting at ``OFF``, so an
-    unconverted cascade is its last model), a temperature per stage, and ``combine``: 1 to
-    judge and answer with the average of the calibrated probabilities of the stages run so
-    far (the answer is then that average's log), 0 for each stage's own logits.
+    unconverted cascade is its last model), a temperature per stage, ``combine``: 1 to judge
+    and answer with the average of the calibrated probabilities of the stages run so far (the
+    answer is then that average's log), 0 for each stage's own logits, and ``agreement``: 1 for
+    a stage after the first to keep a sample only when its own prediction agrees with the stage
+    before it (which then always runs).
     """
 
     def __init__(self, stages: list[nn.Module], stage_flops: list[float], criterion: str = "max_softmax"):
@@ -65,6 +91,7 @@ class CascadeModel(DynamicModel):
         self.dyn.register_buffer("thresholds", torch.full((len(stages) - 1,), OFF))
         self.dyn.register_buffer("temperatures", torch.ones(len(stages)))
         self.dyn.register_buffer("combine", torch.zeros(()))
+        self.dyn.register_buffer("agreement", torch.zeros(()))
 
     @property
     def num_stages(self) -> int:
@@ -72,8 +99,9 @@ class CascadeModel(DynamicModel):
 
     def live_stages(self, thresholds: torch.Tensor | None = None) -> list[int]:
         """The stages that run for some sample: those whose threshold can be met, and the last;
-        every stage when combining (an answer averages all the stages before it)."""
-        if bool(self.dyn.combine):
+        every stage when combining (an answer averages all the stages before it) or judging by
+        agreement (a stage compares with the one before it)."""
+        if bool(self.dyn.combine) or bool(self.dyn.agreement):
             return list(range(self.num_stages))
         thresholds = self.dyn.thresholds if thresholds is None else thresholds
         return [k for k, t in enumerate(thresholds.tolist()) if t <= 1.0] + [self.num_stages - 1]
@@ -101,35 +129,35 @@ class CascadeModel(DynamicModel):
         return f"cascade of {self.num_stages} models"
 
     def answer(self, k: int, logits: torch.Tensor, total: torch.Tensor | None, runs: int):
-        """What stage ``k`` answers with, what it judges its confidence by, and the running sum of
-        calibrated probabilities: its own logits and their calibrated form, or, when combining,
-        the log of the average calibrated probabilities of the ``runs`` stages run so far (both)."""
-        scaled = logits.float() / self.dyn.temperatures[k]
-        if not bool(self.dyn.combine):
-            return logits, scaled, None
-        probs = torch.softmax(scaled, dim=-1)
-        total = probs if total is None else total + probs
-        mean = torch.log((total / runs).clamp_min(1e-12))
-        return mean, mean, total
+        """``stage_answer`` with stage ``k``'s temperature and this model's combination."""
+        return stage_answer(logits, self.dyn.temperatures[k], total, runs, bool(self.dyn.combine))
+
+    def load_inserted_state(self, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+        """As the base's; a cascade saved before the agreement rule existed judges without it."""
+        if "dyn.agreement" not in state:
+            state = {**state, "dyn.agreement": torch.zeros(())}
+        return super().load_inserted_state(state)
 
     def route(self, x: torch.Tensor) -> Routed:
         if x.shape[0] == 1:
             return self._route_one(x)
         live = self.live_stages()
+        agreement = bool(self.dyn.agreement)
         batch = x.shape[0]
         out = None
         decisions = torch.full((batch,), live[-1], dtype=torch.long, device=x.device)
         remaining = torch.arange(batch, device=x.device)
-        total = None
+        total = previous = None
         for runs, k in enumerate(live, start=1):
-            answer, judged, total = self.answer(k, self.stages[k](x), total, runs)
+            own = self.stages[k](x)
+            answer, judged, total = self.answer(k, own, total, runs)
             if out is None:
                 out = answer.new_empty((batch, answer.shape[1]))
             if k == live[-1]:
                 out.index_copy_(0, remaining, answer)
                 break
             # softmax of log-probabilities gives the probabilities back: every criterion reads them
-            keep = confidence(judged, self.criterion) >= self.dyn.thresholds[k]
+            keep = stage_confidence(judged, self.criterion, own, previous) >= self.dyn.thresholds[k]
             done, going = rows_where(keep), rows_where(~keep)
             if done.numel():
                 leaving = remaining.index_select(0, done)
@@ -140,14 +168,18 @@ class CascadeModel(DynamicModel):
             remaining = remaining.index_select(0, going)
             x = x.index_select(0, going)
             total = None if total is None else total.index_select(0, going)
+            previous = own.argmax(1).index_select(0, going) if agreement else None
         return Routed(out, decisions)
 
     def _route_one(self, x: torch.Tensor) -> Routed:
         """One sample: each decision read as one number, no rows gathered or scattered."""
         live, thresholds = self.live_stages(), self.dyn.thresholds.tolist()
-        total = None
+        agreement = bool(self.dyn.agreement)
+        total = previous = None
         for runs, k in enumerate(live, start=1):
-            answer, judged, total = self.answer(k, self.stages[k](x), total, runs)
-            if k == live[-1] or float(confidence(judged, self.criterion)) >= thresholds[k]:
+            own = self.stages[k](x)
+            answer, judged, total = self.answer(k, own, total, runs)
+            if k == live[-1] or float(stage_confidence(judged, self.criterion, own, previous)) >= thresholds[k]:
                 return Routed(answer, torch.full((1,), k, dtype=torch.long, device=x.device))
+            previous = own.argmax(1) if agreement else None
         raise AssertionError("the last live stage keeps every sample")

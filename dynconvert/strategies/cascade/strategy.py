@@ -20,10 +20,9 @@ from torch import nn
 
 from dynconvert.errors import DynconvertError
 from dynconvert.options import check_choice, check_range, option
-from dynconvert.runtime.confidence import confidence
 from dynconvert.strategies.base import Strategy
 from dynconvert.strategies.cascade.graph import CascadeGraph
-from dynconvert.strategies.cascade.model import OFF, CascadeModel, InputAdapter
+from dynconvert.strategies.cascade.model import OFF, CascadeModel, InputAdapter, stage_answer, stage_confidence
 from dynconvert.strategies.registry import register_strategy
 from dynconvert.toolkit.calibrate import fit_temperature, simulate_exits, threshold_sweep
 from dynconvert.toolkit.choose import choose_point
@@ -43,10 +42,16 @@ class CascadeConfig:
     combine: str = option(
         "auto", "answer with the average of the stages run so far: auto (chosen on calibration data), always, never"
     )
+    agreement: str = option(
+        "auto",
+        "a stage after the first keeps a sample only when it agrees with the stage before it: "
+        "auto (chosen on calibration data), always, never",
+    )
     levels: int = option(40, "threshold candidates per stage (quantiles of its confidences on calibration data)")
 
     def validate(self) -> None:
         check_choice("options.combine", self.combine, ("auto", "always", "never"))
+        check_choice("options.agreement", self.agreement, ("auto", "always", "never"))
         check_range("options.levels", self.levels, 2, None)
 
 
@@ -74,12 +79,10 @@ class Cascade(Strategy):
                     f"the cascade's models predict different classes ({_num_classes(model)} and "
                     f"{_num_classes(models[-1])}); give models trained on the same label set"
                 )
-            adapter = InputAdapter(reference, own, own.input_size[1:])
-            sizes.append(list(adapter.size))
-            # an adapter with nothing to do is left out: at batch 1 every call costs time
-            stage = model.eval() if adapter.is_identity else nn.Sequential(adapter, model.eval())
+            stage, size, cost = build_stage(model, reference, own, own.input_size[1:], example)
             stages.append(stage)
-            flops.append(count_flops(stage, example[:1]))
+            sizes.append(size)
+            flops.append(cost)
         names = [c.name for c in recipe.model_configs()]
         for k in range(1, len(flops)):
             if flops[k] < flops[k - 1]:
@@ -121,15 +124,16 @@ class Cascade(Strategy):
         stage_hits = [(lg.argmax(1) == reference).float().mean() for lg in logits]
         strongest = max(range(len(logits)), key=lambda k: (float(stage_hits[k]), k))
         final_correct = logits[strongest].argmax(1) == reference
-        choices = {"auto": (False, True), "always": (True,), "never": (False,)}[self.config.combine]
+        choices = {"auto": (False, True), "always": (True,), "never": (False,)}
+        # with two stages the rule has nothing to judge: the last stage keeps every sample anyway
+        agreements = choices[self.config.agreement] if dyn.num_stages > 2 else (False,)
         options = {}
-        for combine in choices:
-            dyn.dyn.combine.fill_(float(combine))  # which stages run, and so what they cost, depends on it
-            answers = _answers(logits, temperatures, combine)
-            conf = torch.stack(
-                [confidence(a, cal.criterion) for a in answers[:-1]]
-                + [torch.full_like(labels, ALWAYS, dtype=torch.float)]
-            )
+        for rule in [(c, a) for c in choices[self.config.combine] for a in agreements]:
+            # which stages run, and so what they cost, depends on the rule
+            dyn.dyn.combine.fill_(float(rule[0]))
+            dyn.dyn.agreement.fill_(float(rule[1]))
+            answers, conf = _answers(logits, temperatures, *rule, cal.criterion)
+            conf = torch.cat([conf, torch.full_like(labels, ALWAYS, dtype=torch.float)[None]])
             correct = torch.stack([a.argmax(1) == reference for a in answers])
             segments = torch.tensor([*dyn.stage_flops, 0.0], dtype=torch.float64)
             path = threshold_sweep(
@@ -145,18 +149,20 @@ class Cascade(Strategy):
                 thresholds = torch.tensor(point.thresholds[:-1])
                 stopped = simulate_exits(conf[:-1], thresholds)
                 point.flops_ratio = float(dyn.stage_costs(thresholds)[stopped].mean()) / dyn.static_flops()
-            options[combine] = (path, *choose_point(path, cal.max_accuracy_drop, cal.flops_ratio))
-        # the same chooser picks between the combinations' chosen points
+            options[rule] = (path, *choose_point(path, cal.max_accuracy_drop, cal.flops_ratio))
+        # the same chooser picks between the rules' chosen points
         best, _ = choose_point([p for _, p, _ in options.values()], cal.max_accuracy_drop, cal.flops_ratio)
-        combine = next(c for c, (_, p, _) in options.items() if p is best)
-        path, chosen, budget_met = options[combine]
+        rule = next(r for r, (_, p, _) in options.items() if p is best)
+        path, chosen, budget_met = options[rule]
         dyn.dyn.temperatures.copy_(torch.tensor(temperatures))
         dyn.dyn.thresholds.copy_(torch.tensor(chosen.thresholds[:-1]))
-        dyn.dyn.combine.fill_(float(combine))
+        dyn.dyn.combine.fill_(float(rule[0]))
+        dyn.dyn.agreement.fill_(float(rule[1]))
         return {
             "temperatures": temperatures,
-            "combine": combine,
-            "combine_tried": {str(c): _summary(p) for c, (_, p, _) in options.items()},
+            "combine": rule[0],
+            "agreement": rule[1],
+            "rules_tried": {f"combine={c}, agreement={a}": _summary(p) for (c, a), (_, p, _) in options.items()},
             "sweep": [p.__dict__ for p in path],
             "chosen": chosen.__dict__,
             "budget_met": budget_met,
@@ -183,8 +189,8 @@ class Cascade(Strategy):
         ]
         if not sweep:
             return points
-        answers = _answers(logits, dyn.dyn.temperatures.tolist(), bool(dyn.dyn.combine))
-        conf = torch.stack([confidence(a, recipe.calibrate.criterion) for a in answers[:-1]])
+        rule = bool(dyn.dyn.combine), bool(dyn.dyn.agreement)
+        answers, conf = _answers(logits, dyn.dyn.temperatures.tolist(), *rule, recipe.calibrate.criterion)
         predictions = torch.stack([a.argmax(1) for a in answers])
         columns = torch.arange(len(split))
         for p in sweep[:: max(1, len(sweep) // 100)] + [sweep[-1]]:
@@ -199,6 +205,7 @@ class Cascade(Strategy):
         """Every sample to the last model, answered by it alone."""
         dyn.dyn.thresholds.fill_(OFF)
         dyn.dyn.combine.fill_(0.0)
+        dyn.dyn.agreement.fill_(0.0)
         return dyn
 
     def take_all_(self, dyn: CascadeModel) -> CascadeModel:
@@ -207,10 +214,11 @@ class Cascade(Strategy):
         return dyn
 
     def mixed_(self, dyn: CascadeModel) -> CascadeModel:
-        """About half the samples kept by the first model, with the stages' probabilities averaged."""
-        dyn.dyn.thresholds.fill_(OFF)
-        dyn.dyn.thresholds[0] = 0.5
+        """About half the samples kept by each stage, with the stages' probabilities averaged and
+        later stages judged by agreement too."""
+        dyn.dyn.thresholds.fill_(0.5)
         dyn.dyn.combine.fill_(1.0)
+        dyn.dyn.agreement.fill_(1.0)
         return dyn
 
     def export_graph(self, dyn: CascadeModel, example: torch.Tensor, form: str | None = None) -> nn.Module:
@@ -218,12 +226,26 @@ class Cascade(Strategy):
         return CascadeGraph(dyn, example).eval()
 
 
-def _answers(logits: list[torch.Tensor], temperatures: list[float], combine: bool) -> list[torch.Tensor]:
-    """Each stage's calibrated log-probabilities, averaged over the stages so far when ``combine``."""
-    probs = [torch.softmax(lg.float() / t, dim=-1) for lg, t in zip(logits, temperatures)]
-    if combine:
-        probs = [torch.stack(probs[: k + 1]).mean(0) for k in range(len(probs))]
-    return [torch.log(p.clamp_min(1e-12)) for p in probs]
+def build_stage(model: nn.Module, reference, own, size, example: torch.Tensor) -> tuple[nn.Module, list[int], float]:
+    """One stage: ``model`` behind an adapter from the ``reference`` preparation to its ``own``
+    at ``size``; with the input size it runs at and its FLOPs per sample on ``example``."""
+    adapter = InputAdapter(reference, own, size)
+    # an adapter with nothing to do is left out: at batch 1 every call costs time
+    stage = model.eval() if adapter.is_identity else nn.Sequential(adapter, model.eval())
+    return stage, list(adapter.size), count_flops(stage, example[:1])
+
+
+def _answers(logits: list[torch.Tensor], temperatures: list[float], combine: bool, agreement: bool, criterion: str):
+    """Each stage's answer, and the confidence of every stage but the last (a stack), as the
+    model computes them for a sample that reaches the stage."""
+    answers, confs, total = [], [], None
+    for k, (lg, t) in enumerate(zip(logits, temperatures)):
+        answer, judged, total = stage_answer(lg, t, total, k + 1, combine)
+        answers.append(answer)
+        if k < len(logits) - 1:
+            previous = logits[k - 1].argmax(1) if agreement and k > 0 else None
+            confs.append(stage_confidence(judged, criterion, lg, previous))
+    return answers, torch.stack(confs)
 
 
 def _summary(point) -> dict:
