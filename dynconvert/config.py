@@ -25,6 +25,11 @@ class ModelConfig:
     pretrained: bool = option(True, "fetch timm's pretrained weights when no weights file is given")
     num_classes: int | None = option(None, "build the model with this many classes (a new, untrained head)")
     leaf_modules: list[str] = option([], "submodules torch.fx keeps whole, as one node of the graph")
+    input_size: list[int] | None = option(
+        None,
+        "input height and width the conversion runs at; None: the model's own (a vision transformer's "
+        "img_size), else its pretrained configuration's when built by name, the data's image size when handed in",
+    )
 
 
 @dataclass
@@ -134,6 +139,9 @@ class Recipe:
         for i, config in enumerate(self.model_configs()):
             where = "model" if not self.models else f"models[{i}]"
             check_range(f"{where}.num_classes", config.num_classes, 1, None)
+            size = config.input_size
+            if size is not None and (len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size)):
+                raise DynconvertError(f"recipe key '{where}.input_size' must be [HEIGHT, WIDTH], got {size!r}")
             if not config.name:
                 raise DynconvertError(f"{where} names no model: pass MODEL on the command line or set {where}.name")
         check_choice("device", self.device.split(":")[0], ("cpu", "cuda"))

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dynconvert.config import Recipe
+from dynconvert.convert.base_models import describe_module, fixed_input_size, timm_architecture
 from dynconvert.convert.build import build_model, file_sha256
 from dynconvert.convert.evaluate import evaluate_dynamic, evaluate_static, measure_latency
 from dynconvert.convert.report import build_report, plot_report
@@ -25,7 +26,7 @@ from dynconvert.strategies import get_strategy
 from dynconvert.toolkit import distributed
 from dynconvert.toolkit.checkpoint import CHECKPOINT, Checkpointer, work_folder
 from dynconvert.toolkit.classes import ClassSubset, match_classes
-from dynconvert.toolkit.data import Preprocess, load_conversion_data
+from dynconvert.toolkit.data import Preprocess, first_image_size, load_conversion_data
 from dynconvert.toolkit.train import NonFiniteLoss
 
 log = logging.getLogger(__name__)
@@ -90,10 +91,13 @@ def _convert(recipe: Recipe, model, out, force: bool, resume: bool):
         models = [build_model(config) for config in configs]
     else:
         models = list(model) if isinstance(model, (list, tuple)) else [model]
+    handed_in = None if model is None else list(models)  # as given: what a save stores or records
     strategy.check_models(len(models))
     models = [m.to(recipe.device).eval() for m in models]
     # the last model is the reference: the static accuracy, the FLOPs ratio and the input are its
     prep = Preprocess.from_model(models[-1])
+    size = input_size(models[-1], configs[-1], recipe.data, handed_in=model is not None)
+    prep.input_size = (prep.input_size[0], *size)
     data = load_conversion_data(recipe.data, prep, recipe.seed)
     num_classes = _num_classes(models[-1])
     if num_classes is not None and num_classes < data.num_classes:
@@ -111,7 +115,8 @@ def _convert(recipe: Recipe, model, out, force: bool, resume: bool):
     example = torch.randn(2, *prep.input_size, device=recipe.device)
     dyn = strategy.prepare(models, recipe, example, num_classes).to(recipe.device)
     dyn.recipe, dyn.preprocess = recipe, prep
-    dyn.base_info = base_info(configs, num_classes)
+    dyn.base_info = base_info(configs, num_classes, handed_in)
+    dyn.base_modules = handed_in
     if match is not None:
         dyn.base_info["class_subset"] = classes
     model = models[-1]
@@ -171,8 +176,9 @@ def open_checkpointer(out: str | Path | None, force: bool, resume: bool, recipe_
     return checkpointer
 
 
-def base_info(configs, num_classes: int) -> dict:
-    """What the saved model records of its base network(s): name, weights file and its sha256.
+def base_info(configs, num_classes: int, handed_in: list[nn.Module] | None = None) -> dict:
+    """What the saved model records of its base network(s): name, weights file and its sha256;
+    for modules handed in, how to rebuild them (``base_models.describe_module``).
 
     One model keeps the flat form (``model``, ``weights``, ``weights_sha256``); several are
     listed under ``models`` in the recipe's order.
@@ -185,9 +191,27 @@ def base_info(configs, num_classes: int) -> dict:
         }
         for c in configs
     ]
+    if handed_in is not None:
+        bases = [{**b, **describe_module(m, k)} for k, (b, m) in enumerate(zip(bases, handed_in))]
     info = dict(bases[0]) if len(bases) == 1 else {"models": bases}
     info["num_classes"] = num_classes
     return info
+
+
+def input_size(model: nn.Module, config, data_config, handed_in: bool) -> tuple[int, int]:
+    """The input height and width a conversion runs at: the recipe's ``model.input_size``; else
+    the size the model accepts alone (a vision transformer's ``img_size``); else, for a model
+    built here by name, the size its pretrained weights were trained at, and for a module
+    handed in (built for the data in hand) the data's image size when its images share one."""
+    if config.input_size:
+        return tuple(config.input_size)
+    fixed = fixed_input_size(model)
+    if fixed is not None:
+        return fixed
+    configured = tuple(Preprocess.from_model(model).input_size[1:])
+    if handed_in:
+        return first_image_size(data_config) or configured
+    return configured
 
 
 def _fit(strategy, dyn, data, prep, recipe: Recipe, checkpointer: Checkpointer) -> dict:
@@ -276,7 +300,8 @@ def convert(
 
     Args:
         model: a timm model name, or an ``nn.Module`` torch.fx can trace (then set
-            ``model_name`` in ``overrides`` or accept its class name); a list of names or of
+            ``model_name`` in ``overrides``; a timm model goes by its architecture, another
+            module by its class name); a list of names or of
             modules, cheapest first, for a strategy that combines models.
         strategy: a registered strategy name (see ``dynconvert.list_strategies()``).
         data: a local folder ``datasets.load_dataset`` understands, or a hub name.
@@ -296,7 +321,7 @@ def convert(
     """
     items = list(model) if isinstance(model, (list, tuple)) else [model]
     label = overrides.pop("model_name", None)
-    names = [m if isinstance(m, str) else (label or type(m).__name__) for m in items]
+    names = [m if isinstance(m, str) else (label or timm_architecture(m) or type(m).__name__) for m in items]
     modules = None if all(isinstance(m, str) for m in items) else items
     flat: dict[str, Any] = {}
     for key, value in overrides.items():

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dynconvert.config import Recipe
+from dynconvert.convert.base_models import missing_module_error, rebuild, store_weights
 from dynconvert.errors import DynconvertError
 from dynconvert.files import folder_replaced_on_success
 from dynconvert.runtime.dynamic import DynamicModel
@@ -55,6 +56,9 @@ def save_dynamic(dyn: DynamicModel, folder: str | Path) -> Path:
             "versions": versions(),
             "steps": ["build", "trace", "plan", "passes", "train", "calibrate"],
         }
+        for record, module in zip(_bases(dyn.base_info), getattr(dyn, "base_modules", None) or []):
+            if record.get("stored_weights"):
+                store_weights(module, record, tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / RECIPE_FILE).write_text(dyn.recipe.to_yaml())
     return folder
@@ -97,10 +101,17 @@ def load_dynamic(
             weights = base.get("weights")
             if weights and Path(weights).is_file() and file_sha256(weights) != base.get("weights_sha256"):
                 raise DynconvertError(f"base weights '{weights}' changed since the model was saved (sha256 differs)")
+        records = _bases(base_info)
+        if any(r.get("own_module") for r in records):
+            raise missing_module_error(folder, records)
         seed_everything(recipe.seed)  # a randomly initialised base is rebuilt as it was built
-        models = [build_model(config) for config in recipe.model_configs()]
+        models = [
+            rebuild(record, folder) if record.get("stored_weights") else build_model(config)
+            for record, config in zip(records, recipe.model_configs())
+        ]
     else:
         models = list(model) if isinstance(model, (list, tuple)) else [model]
+    handed_in = list(models) if any(r.get("stored_weights") for r in _bases(base_info)) else None
     strategy = get_strategy(meta["strategy"]).from_options(recipe.options)
     prep = Preprocess.from_model(models[-1])
     subset = base_info.get("class_subset")
@@ -121,4 +132,5 @@ def load_dynamic(
     if missing or unexpected:
         raise DynconvertError(f"saved state does not fit the rebuilt model: missing {missing}, unexpected {unexpected}")
     dyn.recipe, dyn.base_info, dyn.preprocess = recipe, base_info, prep
+    dyn.base_modules = handed_in  # a re-save stores their weights again
     return dyn.to(device).eval()

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dynconvert.errors import DynconvertError
 from dynconvert.runtime.modules import route_for_forward
 
 INSERTED_PREFIX = "dyn."
@@ -70,9 +71,22 @@ class DynamicModel(nn.Module, ABC):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits with the decisions taken (kept in ``last_decisions``); in eval mode under inference mode."""
+        self.check_input_size(x)
         routed = route_for_forward(self, x)
         self.last_decisions = routed.decisions
         return routed.logits
+
+    def check_input_size(self, x: torch.Tensor) -> None:
+        """Refuse images of another size than the conversion's, in one line: the inserted parts
+        (exit heads, policy networks, stage sizes) were fitted to that size."""
+        prep = getattr(self, "preprocess", None)
+        if prep is None or x.dim() != 4 or tuple(x.shape[-2:]) == tuple(prep.input_size[-2:]):
+            return
+        h, w = prep.input_size[-2:]
+        raise DynconvertError(
+            f"this dynamic model was converted for {h}x{w} images and got {x.shape[-2]}x{x.shape[-1]}: "
+            f"resize the images to {h}x{w}, or convert again with --set model.input_size=[H,W]"
+        )
 
     def inserted_state(self) -> dict[str, torch.Tensor]:
         """The tensors of everything inserted (``dyn.*``), detached, on the CPU: what a save writes

@@ -110,6 +110,23 @@ def find_columns(features, config: DataConfig) -> tuple[str, str]:
     return pick(datasets.Image, config.image_column), pick(datasets.ClassLabel, config.label_column)
 
 
+def first_image_size(config: DataConfig, probe: int = 8) -> tuple[int, int] | None:
+    """(height, width) of the training images when the first ``probe`` share it, else None."""
+    import datasets
+
+    dsd = open_dataset(config)
+    split = dsd[choose_splits(list(dsd.keys()), config)[0]]
+    image_col, _ = find_columns(split.features, config)
+    raw = split.cast_column(image_col, datasets.Image(decode=False))
+    sizes = set()
+    for i in range(min(probe, len(raw))):
+        item = raw[i][image_col]
+        data = item.get("bytes")
+        with Image.open(io.BytesIO(data) if data else item["path"]) as img:
+            sizes.add((img.size[1], img.size[0]))
+    return sizes.pop() if len(sizes) == 1 else None
+
+
 def choose_splits(available: list[str], config: DataConfig) -> tuple[str, str | None, str]:
     """(fit split, calibration split or None to hold out part of fit, evaluation split)."""
     if config.train_split not in available:
