@@ -46,11 +46,15 @@ class DataConfig:
     max_train_samples: int | None = option(None, "cap on the training images used")
     max_eval_samples: int | None = option(None, "cap on the evaluation images used")
     batch_size: int = option(256, "batch size of the backbone passes (features, calibration, evaluation)")
-    cache: bool = option(True, "keep decoded images on disk ($DYNCONVERT_CACHE) for the next run")
+    cache: bool = option(
+        True, "decode each image once into a file under $DYNCONVERT_CACHE that later passes and runs read"
+    )
+    workers: int | None = option(None, "processes that decode images; None: one per CPU core (at most 8)")
 
     def validate(self) -> None:
         check_range("data.calibration_fraction", self.calibration_fraction, 0.0, 0.9)
         check_range("data.batch_size", self.batch_size, 1, None)
+        check_range("data.workers", self.workers, 0, 64)
 
 
 @dataclass

@@ -165,9 +165,10 @@ class EarlyExit(Strategy):
         device, train_cfg = recipe.device, recipe.train
         checkpointer = checkpointer or Checkpointer.disabled()
         freeze(dyn.segments)
-        teacher, *features = checkpointer.cached(
+        # on disk when the run has a work folder: memory stays bounded however large the fit split
+        teacher, *features = checkpointer.cached_rows(
             "backbone-features",
-            lambda: map_batches(
+            lambda folder: map_batches(
                 dyn.exit_features,
                 data.fit,
                 prep,
@@ -175,6 +176,7 @@ class EarlyExit(Strategy):
                 device,
                 "backbone features",
                 shard=True,
+                to_disk=folder,
             ),
         )
         heads = dyn.dyn.exits
@@ -182,9 +184,9 @@ class EarlyExit(Strategy):
         history = fit_on_cached_features(
             [h.classify for h in heads],
             [p for p in heads.parameters()],
-            [f.to(device) for f in features],
+            [_on(f, device) for f in features],
             data.fit.labels.to(device),
-            teacher.to(device),
+            _on(teacher, device),
             train_cfg,
             recipe.seed,
             module=dyn,
@@ -317,3 +319,8 @@ def _prepare_on_stages(model, config, example, num_classes, recipe, exit_modules
         "head_flops": head_flops,
     }
     return dyn.eval()
+
+
+def _on(values, device: str):
+    """A tensor moved to ``device``; cached rows on disk stay there (read batch by batch)."""
+    return values.to(device) if isinstance(values, torch.Tensor) else values

@@ -11,6 +11,7 @@ place, so a crash while writing leaves the previous checkpoint whole.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -28,6 +29,7 @@ from torch import nn
 from dynconvert.errors import DynconvertError
 from dynconvert.files import replaced_on_success
 from dynconvert.toolkit import distributed
+from dynconvert.toolkit.rowfile import RowFile
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +272,41 @@ class Checkpointer:
             _save_atomic({"recipe_sha256": self.recipe_sha256, "tensors": tensors}, path)
         distributed.barrier()
         return tensors
+
+    def cached_rows(self, name: str, compute: Callable[[Path | None], list]) -> list:
+        """``compute(folder)``, which writes ``RowFile``s into ``folder`` and returns them, kept in
+        the work folder so that a resumed run opens them again; without a work folder, or when
+        the ranks span machines (each would see only its own rows in its copy of the folder),
+        ``compute(None)``, which keeps its results in memory."""
+        if self.folder is None or not distributed.one_machine():
+            return compute(None)
+        folder = self.folder / f"cache-{name}"
+        manifest = folder / "manifest.json"
+        if manifest.is_file():
+            try:
+                kept = json.loads(manifest.read_text())
+                if kept.get("recipe_sha256") == self.recipe_sha256:
+                    files = [
+                        RowFile(folder / f["file"], tuple(f["shape"]), f["dtype"], f["count"]) for f in kept["files"]
+                    ]
+                    if all(f.path.is_file() and f.path.stat().st_size == f.row_bytes * f.count for f in files):
+                        log.info("read %s from %s", name, folder)
+                        return files
+            except (OSError, ValueError, KeyError, TypeError):  # a damaged cache is only lost time
+                log.warning("cache %s is unreadable; computing it again", folder)
+        if distributed.is_main():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+        distributed.barrier()
+        files = compute(folder)
+        if distributed.is_main():
+            listed = [
+                {"file": f.path.name, "shape": list(f.shape), "dtype": f.dtype.name, "count": f.count} for f in files
+            ]
+            with replaced_on_success(manifest) as partial:
+                partial.write_text(json.dumps({"recipe_sha256": self.recipe_sha256, "files": listed}))
+        distributed.barrier()
+        return files
 
     def describe(self) -> str:
         """What is kept, for an error message."""

@@ -1,9 +1,11 @@
-"""Image classification data: find the columns, decode every image once, cache the pixels.
+"""Image classification data: find the columns, sample by class, read images lazily.
 
-Images are decoded, resized and centre-cropped to the model's input size once, kept as a
-uint8 tensor ``(N, C, H, W)`` and cached on disk (``$DYNCONVERT_CACHE``, default
-``~/.cache/dynconvert``), so later runs and later steps of one run skip the decoding.
-Normalisation happens per batch in :func:`normalize`.
+No step holds a decoded split in memory. Images are decoded, resized and centre-cropped to
+the model's input size in DataLoader worker processes, batch by batch. With ``data.cache``
+(the default) each image is decoded once into a flat file of uint8 rows on disk
+(``$DYNCONVERT_CACHE``, default ``~/.cache/dynconvert``) that later passes and later runs
+read by row; without it every pass decodes from the data set. Normalisation happens per
+batch in :func:`normalize`.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import hashlib
 import io
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,8 +25,9 @@ from PIL import Image
 
 from dynconvert.config import DataConfig
 from dynconvert.errors import DynconvertError
-from dynconvert.files import replaced_on_success
 from dynconvert.progress import progress_bar
+from dynconvert.toolkit import distributed
+from dynconvert.toolkit.rowfile import RowFile
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +58,99 @@ class Preprocess:
 
 @dataclass
 class ImageSplit:
-    """Decoded images (uint8, ``N x C x H x W``) and integer labels of one split."""
+    """The images and integer labels of one split.
 
-    images: torch.Tensor
+    ``images`` is indexed by rows and gives uint8 ``N x C x H x W`` batches: a ``RowFile`` (the
+    decoded-image cache on disk), a ``SourceImages`` (decoded from the data set on demand), a
+    ``RowView`` of either, or a tensor. Nothing holds the decoded split in memory but a tensor.
+    ``workers``: processes that decode batches of a split read from the data set itself.
+    """
+
+    images: Any
     labels: torch.Tensor
     name: str
+    workers: int = 0
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index: torch.Tensor | slice, name: str) -> ImageSplit:
-        return ImageSplit(self.images[index], self.labels[index], name)
+        """Rows ``index`` of this split (a view: nothing is read)."""
+        index = torch.arange(len(self))[index] if isinstance(index, slice) else torch.as_tensor(index)
+        images = self.images[index] if isinstance(self.images, torch.Tensor) else RowView(self.images, index)
+        return ImageSplit(images, self.labels[index], name, self.workers)
+
+
+class RowView:
+    """Rows ``index`` of another row source, read through it on demand."""
+
+    def __init__(self, base, index: torch.Tensor):
+        if isinstance(base, RowView):  # a view of a view reads the first source directly
+            base, index = base.base, base.index[index]
+        self.base, self.index = base, torch.as_tensor(index, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, (int, np.integer)):
+            return self.base[int(self.index[index])]
+        return self.base[self.index[index if not isinstance(index, list) else torch.tensor(index)]]
+
+
+class SourceImages:
+    """The images of a data set split (a ``datasets.Dataset`` with undecoded images), decoded
+    and brought to the model's input size on demand, row by row: no row is kept."""
+
+    def __init__(self, raw, column: str, prep: Preprocess):
+        self.raw, self.column, self.prep = raw, column, prep
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, (int, np.integer)):
+            return torch.from_numpy(_decode(self.raw[int(index)][self.column], self.prep)).permute(2, 0, 1)
+        rows = torch.arange(len(self))[index] if isinstance(index, slice) else torch.as_tensor(index).reshape(-1)
+        items = self.raw[rows.tolist()][self.column] if len(rows) else []
+        _, height, width = self.prep.input_size
+        out = torch.empty((len(items), 3, height, width), dtype=torch.uint8)
+        for i, item in enumerate(items):
+            out[i] = torch.from_numpy(_decode(item, self.prep)).permute(2, 0, 1)
+        return out
+
+
+def read_batches(split: ImageSplit, order: torch.Tensor, batch_size: int):
+    """Yield ``(rows, uint8 images)`` for consecutive batches of ``order``: decoded in
+    ``split.workers`` DataLoader processes when the images come from the data set itself."""
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    if split.workers == 0 or _read_cheaply(split.images) or len(batches) <= 1:
+        for rows in batches:
+            yield rows, split.images[rows]
+        return
+    loader = torch.utils.data.DataLoader(
+        _Batches(split.images, batches), batch_size=None, shuffle=False, num_workers=split.workers
+    )
+    yield from zip(batches, loader)
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Batch ``k`` of a list of row batches: what a DataLoader worker decodes at once."""
+
+    def __init__(self, images, batches: list[torch.Tensor]):
+        self.images, self.batches = images, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        return self.images[self.batches[k]]
+
+
+def _read_cheaply(images) -> bool:
+    """Whether rows come from memory or the decoded cache (no decoding to share out)."""
+    base = images.base if isinstance(images, RowView) else images
+    return not isinstance(base, SourceImages)
 
 
 def normalize(images: torch.Tensor, prep: Preprocess) -> torch.Tensor:
@@ -161,35 +248,59 @@ def stratified_sample(labels: torch.Tensor, limit: int, seed: int = 0) -> torch.
     return torch.sort(chosen).values
 
 
-def decode_split(dataset, image_column: str, label_column: str, prep: Preprocess, name: str, limit=None, seed: int = 0):
-    """Decode one split into an :class:`ImageSplit`, using the on-disk cache when enabled.
+def decode_split(
+    dataset, image_column: str, label_column: str, prep: Preprocess, name: str, limit=None, seed: int = 0, **how
+):
+    """One split as an :class:`ImageSplit` whose images are read lazily.
 
-    ``limit`` caps the images by a class-stratified, seeded sample (``stratified_sample``)."""
+    ``limit`` caps the images by a class-stratified, seeded sample (``stratified_sample``).
+    ``how``: ``cache`` (default True) decodes every image once into a ``RowFile`` under
+    ``$DYNCONVERT_CACHE`` that later passes and later runs read; without it each pass decodes
+    from the data set. ``workers`` decode in parallel (DataLoader processes).
+    """
     import datasets
 
+    cache, workers = how.get("cache", True), how.get("workers", 0)
     if limit is not None and limit < len(dataset):
         labels = torch.tensor(np.asarray(dataset[label_column]), dtype=torch.long)
         dataset = dataset.select(stratified_sample(labels, limit, seed).tolist())
-    fingerprint = getattr(dataset, "_fingerprint", None)
-    key = hashlib.sha256(repr((fingerprint, image_column, label_column, prep.input_size, prep.crop_pct)).encode())
-    cache_file = _cache_dir() / f"{key.hexdigest()[:24]}.pt" if fingerprint else None
-    if cache_file and cache_file.is_file():
-        try:
-            stored = torch.load(cache_file, weights_only=True)
-            return ImageSplit(stored["images"], stored["labels"], name)
-        except Exception:  # a damaged cache entry is rebuilt, never trusted
-            cache_file.unlink(missing_ok=True)
     raw = dataset.cast_column(image_column, datasets.Image(decode=False))
     labels = torch.tensor(np.asarray(raw[label_column]), dtype=torch.long)
-    _, height, width = prep.input_size
-    images = torch.empty((len(raw), 3, height, width), dtype=torch.uint8)
-    column = raw[image_column]
-    for i, item in enumerate(progress_bar(column, desc=f"decode {name}", unit="img", mininterval=1.0)):
-        images[i] = torch.from_numpy(_decode(item, prep)).permute(2, 0, 1)
-    if cache_file:
-        with replaced_on_success(cache_file) as partial:
-            torch.save({"images": images, "labels": labels}, partial)
-    return ImageSplit(images, labels, name)
+    source = SourceImages(raw, image_column, prep)
+    fingerprint = getattr(dataset, "_fingerprint", None)
+    if not cache or not fingerprint:
+        return ImageSplit(source, labels, name, workers)
+    key = repr((fingerprint, image_column, label_column, prep.input_size, prep.crop_pct, prep.interpolation))
+    path = _cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.u8"
+    rows = RowFile(path, tuple(prep.input_size), "uint8", len(source))
+    if not path.is_file() or path.stat().st_size != rows.row_bytes * len(source):
+        # a missing or damaged entry is rebuilt, never trusted
+        fill_cache(ImageSplit(source, labels, name, workers), path, rows.shape)
+    return ImageSplit(rows, labels, name, workers)
+
+
+def fill_cache(split: ImageSplit, path: Path, shape: tuple[int, ...]) -> None:
+    """Decode every image of ``split`` (``shape`` each) into a ``RowFile`` at ``path``: written under a
+    temporary name and moved into place when complete. Under torchrun the ranks on one machine
+    decode their shares into one file (the cache folder may be the machine's own; the
+    temporary name is, so machines sharing the folder never write into one another's file)."""
+    partial = path.with_name(f"{path.name}.{socket.gethostname()}.partial")
+    first = distributed.local_rank() == 0
+    if first:
+        RowFile.create(partial, shape, "uint8", len(split))
+    distributed.barrier()
+    rows = RowFile(partial, shape, "uint8", len(split))
+    mine = distributed.my_local_rows(len(split))
+    with progress_bar(total=len(mine), desc=f"decode {split.name}", unit="img", mininterval=1.0) as bar:
+        for index, images in read_batches(split, mine, 64):
+            # a rank's rows are contiguous: each batch is one run of them
+            rows.write(int(index[0]), images)
+            bar.update(len(index))
+    rows.close()
+    distributed.barrier()
+    if first:
+        os.replace(partial, path)
+    distributed.barrier()
 
 
 def _decode(item, prep: Preprocess) -> np.ndarray:
@@ -208,6 +319,14 @@ def _decode(item, prep: Preprocess) -> np.ndarray:
             left, top = (img.size[0] - width) // 2, (img.size[1] - height) // 2
             img = img.crop((left, top, left + width, top + height))
         return np.array(img, dtype=np.uint8)
+
+
+def data_workers(config: DataConfig) -> int:
+    """DataLoader processes that decode images: the recipe's ``data.workers``, else one per CPU
+    core this process may use, at most 8."""
+    if config.workers is not None:
+        return config.workers
+    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def _cache_dir() -> Path:
@@ -233,10 +352,15 @@ def load_conversion_data(config: DataConfig, prep: Preprocess, seed: int = 0) ->
     image_col, label_col = find_columns(dsd[fit_name].features, config)
     label_feature = dsd[fit_name].features[label_col]
     num_classes = label_feature.num_classes
-    fit = decode_split(dsd[fit_name], image_col, label_col, prep, fit_name, config.max_train_samples, seed)
-    evaluation = decode_split(dsd[eval_name], image_col, label_col, prep, eval_name, config.max_eval_samples, seed)
+    how = {"cache": config.cache, "workers": data_workers(config)}
+    fit = decode_split(dsd[fit_name], image_col, label_col, prep, fit_name, config.max_train_samples, seed, **how)
+    evaluation = decode_split(
+        dsd[eval_name], image_col, label_col, prep, eval_name, config.max_eval_samples, seed, **how
+    )
     if cal_name:
-        calibration = decode_split(dsd[cal_name], image_col, label_col, prep, cal_name, config.max_eval_samples, seed)
+        calibration = decode_split(
+            dsd[cal_name], image_col, label_col, prep, cal_name, config.max_eval_samples, seed, **how
+        )
     else:
         order = torch.randperm(len(fit), generator=torch.Generator().manual_seed(seed))
         n_cal = max(1, int(round(len(fit) * config.calibration_fraction)))

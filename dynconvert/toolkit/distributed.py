@@ -147,6 +147,27 @@ def barrier() -> None:
         dist.barrier()
 
 
+def local_rank() -> int:
+    """This process's rank among those on its machine (torchrun's ``LOCAL_RANK``)."""
+    return int(os.environ.get("LOCAL_RANK", rank())) if world_size() > 1 else 0
+
+
+def local_world_size() -> int:
+    """How many processes of the run share this machine (torchrun's ``LOCAL_WORLD_SIZE``)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size())) if world_size() > 1 else 1
+
+
+def one_machine() -> bool:
+    """Whether every rank runs on this machine (and so sees the same local files)."""
+    return local_world_size() == world_size()
+
+
+def my_local_rows(n: int) -> torch.Tensor:
+    """This rank's contiguous share of ``0..n-1`` among the ranks on its machine: what it
+    writes into a file every rank of the machine shares."""
+    return torch.tensor_split(torch.arange(n), local_world_size())[local_rank()]
+
+
 def my_rows(n: int) -> torch.Tensor:
     """This rank's contiguous share of the row indices ``0..n-1``."""
     return torch.tensor_split(torch.arange(n), world_size())[rank()]

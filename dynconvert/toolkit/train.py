@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,8 @@ from torch import nn
 from dynconvert.progress import progress_bar
 from dynconvert.toolkit import distributed
 from dynconvert.toolkit.checkpoint import Checkpointer
-from dynconvert.toolkit.data import ImageSplit, Preprocess, normalize
+from dynconvert.toolkit.data import ImageSplit, Preprocess, normalize, read_batches
+from dynconvert.toolkit.rowfile import RowFile
 from dynconvert.toolkit.stage_loop_errors import NonFiniteLoss, check_finite  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -22,10 +24,8 @@ log = logging.getLogger(__name__)
 def batches(split: ImageSplit, prep: Preprocess, batch_size: int, device: str, order=None) -> Iterator:
     """Yield ``(normalised images, labels, index)`` batches of ``split`` in ``order``."""
     order = torch.arange(len(split)) if order is None else order
-    for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        images = normalize(split.images[index].to(device, non_blocking=True), prep)
-        yield images, split.labels[index].to(device), index
+    for index, images in read_batches(split, order, batch_size):
+        yield normalize(images.to(device, non_blocking=True), prep), split.labels[index].to(device), index
 
 
 def train_batches(
@@ -33,30 +33,78 @@ def train_batches(
 ) -> Iterator:
     """Yield ``(images, labels, index, global batch size)``: this rank's share of each global
     batch of ``split`` in ``order`` (all of it in a single process), from batch ``skip`` on."""
-    for start in range(skip * batch_size, len(order), batch_size):
-        index = distributed.shard(order[start : start + batch_size])
-        images = normalize(split.images[index].to(device, non_blocking=True), prep)
-        yield images, split.labels[index].to(device), index, len(order[start : start + batch_size])
+    starts = range(skip * batch_size, len(order), batch_size)
+    mine = [distributed.shard(order[start : start + batch_size]) for start in starts]
+    sizes = [len(order[start : start + batch_size]) for start in starts]
+    # this rank's rows of every global batch, read (and decoded in workers) as batches of their own
+    flat = torch.cat(mine) if mine else torch.zeros(0, dtype=torch.long)
+    reads = _read_in_pieces(split, flat, [len(rows) for rows in mine])
+    for index, images, size in zip(mine, reads, sizes):
+        yield normalize(images.to(device, non_blocking=True), prep), split.labels[index].to(device), index, size
+
+
+def _read_in_pieces(split: ImageSplit, rows: torch.Tensor, sizes: list[int]):
+    """The images of ``rows`` in consecutive pieces of ``sizes`` (which may differ by one)."""
+    if not sizes:
+        return
+    step = max(sizes)
+    if all(size == step for size in sizes[:-1]):
+        for _, images in read_batches(split, rows, step):
+            yield images
+        return
+    start = 0
+    for size in sizes:
+        yield split.images[rows[start : start + size]]
+        start += size
 
 
 @torch.no_grad()
 def map_batches(
-    fn: Callable, split: ImageSplit, prep: Preprocess, batch_size: int, device: str, desc: str, shard: bool = False
-) -> list[torch.Tensor]:
+    fn: Callable,
+    split: ImageSplit,
+    prep: Preprocess,
+    batch_size: int,
+    device: str,
+    desc: str,
+    shard: bool = False,
+    to_disk: Path | None = None,
+) -> list:
     """Apply ``fn`` to all of ``split``; concatenate each output on the CPU.
 
     ``fn(images)`` returns a tensor, or a sequence whose items are tensors or sequences of
     tensors (``(final, [exit_0, ...])``); the result lists every tensor in that order.
     ``shard``: under torchrun each rank computes its part and every rank gets the whole.
+    ``to_disk``: a folder to write each output into as a float32 ``RowFile`` (``0.rows``,
+    ``1.rows``, ...), returned instead of tensors, so memory stays bounded however many rows.
     """
     rows = distributed.my_rows(len(split)) if shard else torch.arange(len(split))
     outputs: list[list[torch.Tensor]] = []
+    files: list[RowFile] = []
     with progress_bar(total=len(rows), desc=desc, unit="img", mininterval=1.0) as bar:
-        for images, _, _ in batches(split, prep, batch_size, device, rows):
-            outputs.append([o.float().cpu() for o in _flat(fn(images))])
+        for images, _, index in batches(split, prep, batch_size, device, rows):
+            out = [o.float().cpu() for o in _flat(fn(images))]
+            if to_disk is None:
+                outputs.append(out)
+            else:
+                files = files or _row_files(to_disk, out, len(split))
+                for rows_file, o in zip(files, out):
+                    rows_file.write(int(index[0]), o)  # a rank's rows are contiguous, so each batch is too
             bar.update(len(images))
+    if to_disk is not None:
+        distributed.barrier()  # every rank's rows are in place before anyone reads them
+        return files
     parts = [torch.cat(parts) for parts in zip(*outputs)]
     return distributed.gather_rows(parts, len(split)) if shard else parts
+
+
+def _row_files(folder: Path, first: list[torch.Tensor], count: int) -> list[RowFile]:
+    """One float32 ``RowFile`` per output, shaped as the first batch's rows (rank 0 creates them)."""
+    shapes = [tuple(o.shape[1:]) for o in first]
+    if distributed.is_main():
+        for k, shape in enumerate(shapes):
+            RowFile.create(folder / f"{k}.rows", shape, "float32", count)
+    distributed.barrier()
+    return [RowFile(folder / f"{k}.rows", shape, "float32", count) for k, shape in enumerate(shapes)]
 
 
 def _flat(out) -> list[torch.Tensor]:
@@ -84,9 +132,9 @@ def distillation_loss(
 def fit_on_cached_features(
     classifiers: list[Callable[[torch.Tensor], torch.Tensor]],
     parameters: list[nn.Parameter],
-    features: list[torch.Tensor],
+    features: list,
     labels: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits,
     config,
     seed: int,
     desc: str = "train exits",
@@ -95,7 +143,8 @@ def fit_on_cached_features(
 ) -> list[float]:
     """Train several classifiers on cached features at once, with self-distillation.
 
-    ``classifiers[k]`` maps ``features[k]`` to logits. AdamW with a cosine schedule; returns
+    ``classifiers[k]`` maps ``features[k]`` to logits; features and teacher logits are tensors
+    or ``RowFile``s on disk (each batch's rows read when needed). AdamW with a cosine schedule; returns
     the mean loss of each epoch. ``module`` holds the classifiers (its state is what
     ``checkpointer`` saves at every epoch end and restores when resuming).
     """
@@ -109,10 +158,16 @@ def fit_on_cached_features(
     module = module if module is not None else nn.ParameterList(parameters)
     progress = checkpointer.begin("exit heads", config.epochs, module, optimizer, scheduler, generator)
 
+    def rows(values, index: torch.Tensor) -> torch.Tensor:
+        """Rows of a tensor, or of a ``RowFile`` (read from disk), on the labels' device."""
+        if isinstance(values, torch.Tensor):
+            return values[index.to(values.device)]
+        return values[index.cpu()].to(labels.device, non_blocking=True)
+
     def step(index):
-        target, teacher = labels[index], teacher_logits[index]
+        target, teacher = labels[index], rows(teacher_logits, index)
         return sum(
-            distillation_loss(clf(f[index]), target, teacher, config.distill_temperature, config.distill_weight)
+            distillation_loss(clf(rows(f, index)), target, teacher, config.distill_temperature, config.distill_weight)
             for clf, f in zip(classifiers, features)
         )
 
