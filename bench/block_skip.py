@@ -37,6 +37,7 @@ def row(variant: str, command: list[str], report: dict, seconds: float) -> dict:
         "static_accuracy": report["static"]["accuracy"],
         "dynamic_accuracy": dynamic["accuracy"],
         "accuracy_change_points": 100 * report["accuracy_change"],
+        "accuracy_drop_vs_best_point_points": 100 * report["accuracy_drop_vs_best_point"],
         "flops_ratio": report["flops_ratio"],
         "controller_mflops": report["inserted_flops"] / 1e6,
         "blocks_used_mean": dynamic["blocks_used_mean"],

@@ -10,7 +10,9 @@ classes). Thresholds (and whether to average the stages' probabilities) are chos
 training images. Records each model or size alone on the evaluation split beside the cascade,
 the loss against the reference (the last model, or the native size) and against the most
 accurate point of the cascade's own sweep, and the conversion's wall time. Writes
-bench/results/cascade.json or resolution.json and the report's curve as a PNG beside it.
+bench/results/cascade.json or resolution.json (one row per variant: ``--set KEY=VALUE`` runs a
+variant of the default recipe, kept beside the default's row) and the default's curve as a
+PNG beside it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import argparse
 import shutil
 
-from common import OUT, RESULTS, SHARED, machine, run_cli, write_result
+from common import OUT, RESULTS, SHARED, machine, run_cli, with_earlier_rows, write_result
 
 MODELS = SHARED / "models"
 KINDS = {
@@ -50,16 +52,23 @@ KINDS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--kind", choices=sorted(KINDS), default="models")
-    kind = KINDS[parser.parse_args().kind]
-    out = OUT / kind["out"]
-    report, seconds = run_cli(kind["command"], out)
-    shutil.copy(out / "report.png", RESULTS / kind["plot"])
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="a recipe override: a variant of the default"
+    )
+    args = parser.parse_args()
+    kind = KINDS[args.kind]
+    variant = " ".join(args.overrides) or "default"
+    command = [*kind["command"], *[a for o in args.overrides for a in ("--set", o)]]
+    out = OUT / (kind["out"] + ("-" + "-".join(o.replace("=", "_") for o in args.overrides) if args.overrides else ""))
+    report, seconds = run_cli(command, out)
+    if not args.overrides:  # the README's curve is the default's
+        shutil.copy(out / "report.png", RESULTS / kind["plot"])
     alone = {p["label"]: p for p in report["sweep_on_evaluation"] if "label" in p}
     calibration = report["calibration"]
     result = {
-        "variant": "default",
+        "variant": variant,
         "data": kind["data"],
-        "command": "dynconvert " + " ".join(kind["command"]),
+        "command": "dynconvert " + " ".join(command),
         "splits": report["splits"],
         "classes": report["classes"],
         "evaluated_samples": report["evaluated_samples"],
@@ -71,14 +80,18 @@ def main() -> None:
         "stage_histogram": report["dynamic"]["stage_histogram"],
         "alone": {name: {"accuracy": p["accuracy"], "flops_ratio": p["flops_ratio"]} for name, p in alone.items()},
         "combine": calibration["combine"],
-        "combine_tried": calibration["combine_tried"],
+        "agreement": calibration.get("agreement"),
+        "rules_tried": calibration.get("rules_tried"),
+        "calibration_stage_accuracy": calibration["calibration_stage_accuracy"],
+        "batchnorm_images": calibration.get("batchnorm_images"),
         "temperatures": calibration["temperatures"],
         "chosen_on_calibration": calibration["chosen"],
         "calibration_check": report["calibration_check"],
         "latency_batch1": report["latency"],
         "conversion_seconds": seconds,
     }
-    write_result(kind["name"], {"machine": machine(), "runs": [result]})
+    runs = with_earlier_rows(kind["name"], [result], field="runs", key=lambda r: r["variant"])
+    write_result(kind["name"], {"machine": machine(), "runs": runs})
     best_alone = max(p["accuracy"] for p in alone.values())
     print(
         f"{kind['name']}: reference {100 * result['static_accuracy']:.2f}% -> "

@@ -62,6 +62,7 @@ def main() -> None:
                 "static_accuracy": report["static"]["accuracy"],
                 "dynamic_accuracy": report["dynamic"]["accuracy"],
                 "accuracy_change_points": 100 * report["accuracy_change"],
+                "accuracy_drop_vs_best_point_points": 100 * report["accuracy_drop_vs_best_point"],
                 "flops_ratio": report["flops_ratio"],
                 "static_mflops": report["static"]["flops"] / 1e6,
                 "inserted_mflops": report["inserted_flops"] / 1e6,

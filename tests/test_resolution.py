@@ -60,3 +60,30 @@ def test_a_loaded_conversion_answers_with_the_statistics_it_was_fitted_with(conv
         assert not torch.allclose(first(x), second(x))
         first.load_inserted_state(stored)
         torch.testing.assert_close(first(x), second(x))
+
+
+def test_onnx_export_keeps_the_agreement_rule_across_three_sizes(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from dynconvert.models.cifar_resnet import CifarResNet
+    from dynconvert.recipe import build_recipe
+    from dynconvert.strategies import get_strategy
+
+    torch.manual_seed(0)
+    model = CifarResNet(depth=8, num_classes=3).eval()
+    recipe = build_recipe(None, "cifar_resnet20", "resolution", ["model.pretrained=false"])
+    strategy = get_strategy("resolution").from_options(recipe.options)
+    dyn = strategy.prepare([model], recipe, torch.randn(2, 3, 32, 32), 3).eval()
+    dyn.recipe, dyn.preprocess = recipe, Preprocess((3, 32, 32), 1.0, (0.5,) * 3, (0.25,) * 3)
+    dyn.base_info = {"num_classes": 3, "model": "cifar_resnet20", "weights": None, "weights_sha256": None}
+    dyn.dyn.agreement.fill_(1.0)
+    x = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        stage_logits = [stage(x) for stage in dyn.stages]
+        conf = torch.softmax(stage_logits[1], 1).amax(1)
+        dyn.dyn.thresholds.copy_(torch.tensor([2.0, float(conf.median())]))  # only the middle size keeps some
+        decisions = dyn.route(x).decisions
+        agree = stage_logits[1].argmax(1) == stage_logits[0].argmax(1)
+    assert not (decisions == 1)[~agree].any(), "a disagreeing sample is never kept"
+    assert 0 < int((decisions == 1).sum()) < len(x)
+    report = dynconvert.export_onnx(dyn, tmp_path / "resolution.onnx", images=x, random_inputs=8)
+    assert report["passed"] and report["decisions_identical"]

@@ -10,6 +10,7 @@ module of the user's own cannot be rebuilt from a name; loading it needs ``model
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import timm
@@ -19,6 +20,9 @@ from torch import nn
 
 from dynconvert.errors import DynconvertError
 
+# the pretrained-configuration fields the data preparation reads (a user may have changed them)
+PREPROCESSING = ("input_size", "crop_pct", "mean", "std", "interpolation")
+
 
 def timm_architecture(model: nn.Module) -> str | None:
     """The timm architecture name ``model`` was created as, or None for another module."""
@@ -27,10 +31,18 @@ def timm_architecture(model: nn.Module) -> str | None:
     return name if isinstance(name, str) and timm.is_model(name) else None
 
 
+def _first_patch_embedding(model: nn.Module) -> nn.Module | None:
+    """The first patch embedding of a transformer-style network (it fixes the input size)."""
+    for module in model.modules():
+        if hasattr(module, "img_size") and hasattr(module, "patch_size") and module is not model:
+            return module
+    return None
+
+
 def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
     """The input size a model was built for when it accepts no other (a vision transformer's
     ``img_size``: its position embeddings are sized for it), else None."""
-    embed = getattr(model, "patch_embed", None)
+    embed = _first_patch_embedding(model)
     size = getattr(embed, "img_size", None)
     if size is None or not getattr(embed, "strict_img_size", True) or getattr(model, "dynamic_img_size", False):
         return None
@@ -45,7 +57,7 @@ def shaping_args(model: nn.Module) -> dict:
     size = fixed_input_size(model)
     if size is not None:
         args["img_size"] = list(size)
-        patch = model.patch_embed.patch_size
+        patch = _first_patch_embedding(model).patch_size
         args["patch_size"] = list(patch) if isinstance(patch, (tuple, list)) else patch
     return args
 
@@ -65,7 +77,15 @@ def describe_module(model: nn.Module, index: int) -> dict:
     record = {"state_sha256": state_sha256(model), "class": type(model).__name__}
     if architecture is None:
         return {**record, "own_module": True}
-    return {**record, "model": architecture, "timm_args": shaping_args(model), "stored_weights": f"base-{index}"}
+    cfg = model.pretrained_cfg
+    preprocessing = {k: cfg[k] for k in PREPROCESSING if k in cfg}
+    return {
+        **record,
+        "model": architecture,
+        "timm_args": shaping_args(model),
+        "preprocessing": json.loads(json.dumps(preprocessing)),  # tuples as lists: what JSON gives back
+        "stored_weights": f"base-{index}",
+    }
 
 
 def store_weights(model: nn.Module, record: dict, folder: Path) -> None:
@@ -75,22 +95,38 @@ def store_weights(model: nn.Module, record: dict, folder: Path) -> None:
     save_file(state, str(folder / f"{record['stored_weights']}.safetensors"))
 
 
-def rebuild(record: dict, folder: Path) -> nn.Module:
-    """The base network a saved conversion records, from its architecture, arguments and weights."""
+def rebuild(record: dict, folder: Path, input_size: tuple[int, ...] | None = None) -> nn.Module:
+    """The base network a saved conversion records, from its architecture, arguments and
+    weights; checked to take inputs of ``input_size`` (C, H, W: the conversion's), when given."""
     path = folder / f"{record['stored_weights']}.safetensors"
     if not path.is_file():
         raise DynconvertError(f"'{path}' is missing: the saved conversion is incomplete")
-    model = timm.create_model(record["model"], pretrained=False, **record["timm_args"])
-    state = load_file(str(path))
+
+    def refuse(problem: str) -> DynconvertError:
+        return DynconvertError(
+            f"the {record['model']} rebuilt from {record['timm_args']} {problem}; it was created with other "
+            "arguments: pass the base network, dynconvert.load(path, model=timm.create_model(...))"
+        )
+
     try:
-        model.load_state_dict(state, strict=True)
+        model = timm.create_model(record["model"], pretrained=False, **record["timm_args"])
+    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
+        raise refuse(f"could not be created ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in record.get("preprocessing", {}).items()}
+    model.pretrained_cfg = {**model.pretrained_cfg, **saved}
+    try:
+        model.load_state_dict(load_file(str(path)), strict=True)
     except RuntimeError as exc:
-        raise DynconvertError(
-            f"the {record['model']} rebuilt from {record['timm_args']} does not fit the stored weights "
-            f"({str(exc).splitlines()[0]}); it was created with other arguments: pass the base network, "
-            "dynconvert.load(path, model=timm.create_model(...))"
-        ) from None
-    return model.eval()
+        raise refuse(f"does not fit the stored weights ({_first_problem(exc)})") from None
+    model.eval()
+    if input_size is not None:
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, *input_size))
+        except Exception as exc:  # whatever the architecture raises: it was built for another input
+            problem = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            raise refuse(f"does not take {input_size[-2]}x{input_size[-1]} inputs ({problem})") from None
+    return model
 
 
 def missing_module_error(folder: Path, records: list[dict]) -> DynconvertError:

@@ -106,7 +106,7 @@ def load_dynamic(
             raise missing_module_error(folder, records)
         seed_everything(recipe.seed)  # a randomly initialised base is rebuilt as it was built
         models = [
-            rebuild(record, folder) if record.get("stored_weights") else build_model(config)
+            rebuild(record, folder, meta.get("input_size")) if record.get("stored_weights") else build_model(config)
             for record, config in zip(records, recipe.model_configs())
         ]
     else:

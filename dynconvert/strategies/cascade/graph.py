@@ -9,7 +9,7 @@ from torch import nn
 
 from dynconvert.export.frozen import frozen_copy
 from dynconvert.export.graphs import rows_of
-from dynconvert.strategies.cascade.model import stage_answer, stage_confidence
+from dynconvert.strategies.cascade.model import InputAdapter, stage_answer, stage_confidence
 
 
 class CascadeGraph(nn.Module):
@@ -22,6 +22,11 @@ class CascadeGraph(nn.Module):
         self.form = "cond"
         self.stage_index = dyn.live_stages()
         self.stages = frozen_copy(nn.ModuleList([dyn.stages[k] for k in self.stage_index]))
+        # a stage's input adapter and its network apart: larger batches resize the whole batch and
+        # then gather the rows still running, since a resize of a sub-batch whose size depends on
+        # the data cannot be exported
+        self.adapters = [s[0] if _adapted(s) else nn.Identity() for s in self.stages]
+        self.networks = [s[1] if _adapted(s) else s for s in self.stages]
         thresholds = dyn.dyn.thresholds.tolist()
         self.thresholds = [thresholds[k] for k in self.stage_index[:-1]]
         self.temperatures = [float(dyn.dyn.temperatures[k]) for k in self.stage_index]
@@ -70,15 +75,27 @@ class CascadeGraph(nn.Module):
         stages = torch.full((batch,), self.stage_index[-1], dtype=torch.long, device=x.device)
         total = x.new_zeros((batch, self.num_classes))
         previous = torch.zeros((batch,), dtype=torch.long, device=x.device)
+        whole = x
         for i in range(len(self.stages) - 1):
-            own = self.stages[i](x)
+            own = self._run(i, whole, rows)
             answer, judged, total = self._answer(i, own, total)
             keep = self._keeps(i, judged, own, previous)
             gone, stay = rows_of(keep), rows_of(~keep)
             left = rows.index_select(0, gone)
             out = out.index_copy(0, left, answer.index_select(0, gone))
             stages = stages.index_fill(0, left, self.stage_index[i])
-            x, rows, total = x.index_select(0, stay), rows.index_select(0, stay), total.index_select(0, stay)
+            rows, total = rows.index_select(0, stay), total.index_select(0, stay)
             previous = own.argmax(1).index_select(0, stay)
-        answer, _, _ = self._answer(len(self.stages) - 1, self.stages[-1](x), total)
+        answer, _, _ = self._answer(len(self.stages) - 1, self._run(len(self.stages) - 1, whole, rows), total)
         return out.index_copy(0, rows, answer), stages
+
+    def _run(self, i: int, whole: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Stage ``i`` on the ``rows`` of the whole batch still running (all of them at the first)."""
+        if i == 0:
+            return self.stages[0](whole)
+        return self.networks[i](self.adapters[i](whole).index_select(0, rows))
+
+
+def _adapted(stage: nn.Module) -> bool:
+    """Whether a stage is an input adapter followed by its network."""
+    return isinstance(stage, nn.Sequential) and len(stage) == 2 and isinstance(stage[0], InputAdapter)
