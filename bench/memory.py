@@ -4,11 +4,13 @@
 
 Runs ``dynconvert tf_efficientnet_lite0 --strategy STRATEGY --weights LITE0 --data tiny-imagenet
 --set data.max_train_samples=N`` once per N, as a user would (a fresh process, an empty
-decoded-image cache), and samples every 0.2 s the resident memory of the whole process tree
-(the conversion and its DataLoader workers; pages shared between them are counted in each,
-so the figure errs high). Memory depends on how much data passes through, not on how often,
-so the runs train ``--epochs`` epochs and evaluate on ``--eval-samples`` images to stay short.
-Writes bench/results/memory.json.
+decoded-image cache), and samples every 0.2 s the memory of the whole process tree (the
+conversion and its DataLoader workers): the proportional set size (PSS: each page shared
+between processes counted once, split among them, so the tree's total is what it occupies),
+and the sum of their resident sets (RSS: a shared page counted in every process that maps it,
+an upper bound). Memory depends on how much data passes through, not on how often, so the runs
+train ``--epochs`` epochs and evaluate on ``--eval-samples`` images to stay short. Writes
+bench/results/memory.json.
 """
 
 from __future__ import annotations
@@ -29,30 +31,34 @@ import dynconvert
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def tree_rss(root: int) -> int:
-    """Resident bytes of ``root`` and all its descendants (from /proc)."""
-    total, todo = 0, [root]
+def tree_memory(root: int) -> tuple[int, int]:
+    """(PSS, RSS) in bytes, summed over ``root`` and all its descendants (from /proc)."""
+    pss = rss = 0
+    todo = [root]
     while todo:
         pid = todo.pop()
         try:
-            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
+                elif line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
             for task in Path(f"/proc/{pid}/task").iterdir():
                 todo += [int(c) for c in (task / "children").read_text().split()]
         except (OSError, ValueError):  # the process ended while being read
             continue
-    return total
+    return pss, rss
 
 
-def peak_rss(command: list[str], env: dict) -> tuple[int, float]:
-    """(peak resident bytes of the command's process tree, wall seconds)."""
-    started = time.perf_counter()
+def peak_memory(command: list[str], env: dict) -> tuple[int, int]:
+    """(peak PSS, peak RSS sum) in bytes of the command's process tree."""
     process = subprocess.Popen(command, env=env)
-    peak, done = 0, threading.Event()
+    peak, done = [0, 0], threading.Event()
 
     def sample():
-        nonlocal peak
         while not done.is_set():
-            peak = max(peak, tree_rss(process.pid))
+            for k, value in enumerate(tree_memory(process.pid)):
+                peak[k] = max(peak[k], value)
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -62,7 +68,7 @@ def peak_rss(command: list[str], env: dict) -> tuple[int, float]:
     sampler.join()
     if code != 0:
         raise SystemExit(f"the conversion failed (exit {code}): {' '.join(command)}")
-    return peak, time.perf_counter() - started
+    return peak[0], peak[1]
 
 
 def main() -> None:
@@ -84,10 +90,11 @@ def main() -> None:
             *("--set", f"data.max_eval_samples={args.eval_samples}"),
         ]
         with tempfile.TemporaryDirectory() as cache:
-            peak, seconds = peak_rss(command, {**os.environ, "DYNCONVERT_CACHE": cache})
-        runs.append({"train_samples": samples, "peak_rss_gb": round(peak / 1e9, 3), "seconds": round(seconds, 1)})
+            pss, rss = peak_memory(command, {**os.environ, "DYNCONVERT_CACHE": cache})
+        gigabytes = {"peak_pss_gb": round(pss / 1e9, 3), "peak_rss_sum_gb": round(rss / 1e9, 3)}
+        runs.append({"train_samples": samples, **gigabytes})
         print(runs[-1], flush=True)
-    growth = runs[-1]["peak_rss_gb"] / runs[0]["peak_rss_gb"] - 1.0
+    growth = runs[-1]["peak_pss_gb"] / runs[0]["peak_pss_gb"] - 1.0
     write_result(
         "memory",
         {

@@ -136,3 +136,13 @@ def test_backbone_outputs_go_to_disk_and_a_resumed_run_opens_them_again(tiny_dat
     Checkpointer(tmp_path / "work", "recipe-b").cached_rows("features", compute)
     assert len(runs) == 2, "another recipe's cache is not trusted"
     assert Checkpointer.disabled().cached_rows("features", compute)[0].shape == (48, 3)
+
+
+def test_decoding_in_workers_leaves_the_global_random_state_alone(tiny_data):
+    # else a conversion would train differently depending on whether the cache was warm
+    split = load_conversion_data(DataConfig(path=str(tiny_data), cache=False, workers=2), PREP).evaluation
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    _read_twice(split)
+    assert torch.equal(torch.rand(3), expected)

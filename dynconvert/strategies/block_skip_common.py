@@ -89,8 +89,13 @@ def build_block_skip_model(
     for i, unit in enumerate(units):
         f = full_form(gm, unit)
         full_flops.append(count_flops(f, h))
-        if unit.droppable and skip_correction == "linear":
+        if unit.droppable:
             branch_flops = full_flops[-1] - count_flops(skipped_form(gm, unit), h)
+            if branch_flops <= 0.0:
+                # the shortcut path needs the residual branch too (a residual added to part of the
+                # channels): skipping would compute everything anyway
+                unit.add_node = None
+        if unit.droppable and skip_correction == "linear":
             corrections[i] = _correction_for(gm, unit, branch_flops)
         s = skipped_form(gm, unit, corrections.get(i)) if unit.droppable else None
         skipped_flops.append(count_flops(s, h) if s is not None else 0.0)
@@ -100,12 +105,24 @@ def build_block_skip_model(
         skipped.append(s)
         with torch.no_grad():
             h = f(h)
+    if not input_shapes:
+        raise DynconvertError(
+            "found no residual block whose skipping saves computation: in every block the shortcut path "
+            "needs the residual branch too (a residual added to part of the channels, for instance)"
+        )
     controller = make_controller(input_shapes)
     dyn = BlockSkipModel(full, skipped, full_flops, skipped_flops, controller, 0.0, corrections)
     with torch.no_grad():
         dyn.dyn.bias.fill_(1e4)
         dyn.controller_flops = count_flops(dyn.route, example) - dyn.static_flops()
         dyn.dyn.bias.zero_()
+    saving = sum(f - k for f, k, d in zip(dyn.full_flops, dyn.skipped_flops, dyn.droppable) if d)
+    if dyn.controller_flops >= saving:
+        raise DynconvertError(
+            f"the controller costs {dyn.controller_flops / 1e6:.3g} MFLOPs per image, more than skipping every "
+            f"block would save ({saving / 1e6:.3g}): this network is too small for it; choose a smaller one "
+            "(dynconvert --list-options STRATEGY) or another strategy"
+        )
     if settled is not None:
         dyn.settled = list(settled)
     dyn.plan = {

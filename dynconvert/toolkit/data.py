@@ -128,8 +128,14 @@ def read_batches(split: ImageSplit, order: torch.Tensor, batch_size: int):
         for rows in batches:
             yield rows, split.images[rows]
         return
+    # a generator of its own: the workers' seeds would otherwise be drawn from the global one,
+    # and a conversion would train differently depending on whether the cache was warm
     loader = torch.utils.data.DataLoader(
-        _Batches(split.images, batches), batch_size=None, shuffle=False, num_workers=split.workers
+        _Batches(split.images, batches),
+        batch_size=None,
+        shuffle=False,
+        num_workers=split.workers,
+        generator=torch.Generator().manual_seed(0),
     )
     yield from zip(batches, loader)
 
