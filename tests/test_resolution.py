@@ -87,3 +87,16 @@ def test_onnx_export_keeps_the_agreement_rule_across_three_sizes(tmp_path):
     assert 0 < int((decisions == 1).sum()) < len(x)
     report = dynconvert.export_onnx(dyn, tmp_path / "resolution.onnx", images=x, random_inputs=8)
     assert report["passed"] and report["decisions_identical"]
+
+
+def test_a_model_built_for_one_input_size_is_refused_in_one_line():
+    import timm
+
+    from dynconvert.recipe import build_recipe
+    from dynconvert.strategies import get_strategy
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3).eval()
+    recipe = build_recipe(None, "vit_tiny_patch16_224", "resolution", ["model.pretrained=false"])
+    strategy = get_strategy("resolution").from_options(recipe.options)
+    with pytest.raises(dynconvert.DynconvertError, match="takes one input size only: it does not run at 16x16"):
+        strategy.prepare([vit], recipe, torch.randn(2, 3, 32, 32), 3)

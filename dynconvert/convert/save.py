@@ -125,12 +125,20 @@ def load_dynamic(
         state = load_file(str(folder / STATE_FILE))
     except Exception as exc:
         raise DynconvertError(f"'{folder / STATE_FILE}' could not be read ({exc})") from None
+    # a timm instance rebuilt from its recorded arguments may still differ from the one converted
+    hint = (
+        "; the base network was rebuilt from its recorded arguments: pass it, dynconvert.load(path, model=...)"
+        if model is None and handed_in is not None
+        else ""
+    )
     try:
         missing, unexpected = dyn.load_inserted_state(state)
     except ValueError as exc:
-        raise DynconvertError(f"{exc}: the base model or its input size differ from the conversion's") from None
+        raise DynconvertError(f"{exc}: the base model or its input size differ from the conversion's{hint}") from None
     if missing or unexpected:
-        raise DynconvertError(f"saved state does not fit the rebuilt model: missing {missing}, unexpected {unexpected}")
+        raise DynconvertError(
+            f"saved state does not fit the rebuilt model: missing {missing}, unexpected {unexpected}{hint}"
+        )
     dyn.recipe, dyn.base_info, dyn.preprocess = recipe, base_info, prep
     dyn.base_modules = handed_in  # a re-save stores their weights again
     return dyn.to(device).eval()

@@ -33,7 +33,7 @@ import torch
 import dynconvert
 from dynconvert.convert.pipeline import base_info
 from dynconvert.coverage.catalogue import NUM_CLASSES, ModelSpec, build_base, spec_for
-from dynconvert.errors import DynconvertError
+from dynconvert.errors import DynconvertError, NotApplicable
 from dynconvert.recipe import build_recipe
 from dynconvert.strategies import get_strategy
 from dynconvert.toolkit.data import Preprocess
@@ -227,6 +227,9 @@ def check_model(spec: ModelSpec | str, strategy_name: str, seed: int = 0) -> dic
             try:
                 dyn = strategy.prepare(models, recipe, example, NUM_CLASSES)
             except DynconvertError as exc:
+                if isinstance(exc, NotApplicable):
+                    record.update(result="n/a", reason=str(exc).splitlines()[0][:160])
+                    return record
                 if NOT_APPLICABLE not in str(exc):
                     raise
                 if spec.residual:

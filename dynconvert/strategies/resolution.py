@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dynconvert.errors import DynconvertError
+from dynconvert.errors import DynconvertError, NotApplicable
 from dynconvert.options import check_range, option
 from dynconvert.progress import progress_bar
 from dynconvert.strategies.cascade.model import CascadeModel
@@ -164,7 +164,15 @@ class Resolution(Cascade):
             size = (max(8, round(height * scale)), max(8, round(width * scale)))
             own = size != (height, width) and own_batchnorm
             network = twin_with_own_batchnorm(model) if own else model
-            stage, size, cost = build_stage(network, reference, reference, size, example)
+            try:
+                stage, size, cost = build_stage(network, reference, reference, size, example)
+            except (RuntimeError, AssertionError, ValueError) as exc:
+                problem = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+                raise NotApplicable(
+                    f"the model takes one input size only: it does not run at {size[0]}x{size[1]} ({problem}); "
+                    "a resolution cascade needs a network that accepts other input sizes, such as a CNN "
+                    "(a vision transformer is built for one img_size)"
+                ) from None
             if own:
                 twins[k] = network
             stages.append(stage)
