@@ -110,7 +110,7 @@ class SourceImages:
 
     def __getitem__(self, index) -> torch.Tensor:
         if isinstance(index, (int, np.integer)):
-            return torch.from_numpy(_decode(self.raw[int(index)][self.column], self.prep)).permute(2, 0, 1)
+            return self[[int(index)]][0]
         rows = torch.arange(len(self))[index] if isinstance(index, slice) else torch.as_tensor(index).reshape(-1)
         items = self.raw[rows.tolist()][self.column] if len(rows) else []
         _, height, width = self.prep.input_size
@@ -120,10 +120,9 @@ class SourceImages:
         return out
 
 
-def read_batches(split: ImageSplit, order: torch.Tensor, batch_size: int):
-    """Yield ``(rows, uint8 images)`` for consecutive batches of ``order``: decoded in
+def read_batches(split: ImageSplit, batches: list[torch.Tensor]):
+    """Yield ``(rows, uint8 images)`` for each tensor of row indices in ``batches``: decoded in
     ``split.workers`` DataLoader processes when the images come from the data set itself."""
-    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     if split.workers == 0 or _read_cheaply(split.images) or len(batches) <= 1:
         for rows in batches:
             yield rows, split.images[rows]
@@ -298,7 +297,7 @@ def fill_cache(split: ImageSplit, path: Path, shape: tuple[int, ...]) -> None:
     rows = RowFile(partial, shape, "uint8", len(split))
     mine = distributed.my_local_rows(len(split))
     with progress_bar(total=len(mine), desc=f"decode {split.name}", unit="img", mininterval=1.0) as bar:
-        for index, images in read_batches(split, mine, 64):
+        for index, images in read_batches(split, list(mine.split(64))):
             # a rank's rows are contiguous: each batch is one run of them
             rows.write(int(index[0]), images)
             bar.update(len(index))

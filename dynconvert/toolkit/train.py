@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def batches(split: ImageSplit, prep: Preprocess, batch_size: int, device: str, order=None) -> Iterator:
     """Yield ``(normalised images, labels, index)`` batches of ``split`` in ``order``."""
     order = torch.arange(len(split)) if order is None else order
-    for index, images in read_batches(split, order, batch_size):
+    for index, images in read_batches(split, list(order.split(batch_size))):
         yield normalize(images.to(device, non_blocking=True), prep), split.labels[index].to(device), index
 
 
@@ -33,29 +33,11 @@ def train_batches(
 ) -> Iterator:
     """Yield ``(images, labels, index, global batch size)``: this rank's share of each global
     batch of ``split`` in ``order`` (all of it in a single process), from batch ``skip`` on."""
-    starts = range(skip * batch_size, len(order), batch_size)
-    mine = [distributed.shard(order[start : start + batch_size]) for start in starts]
-    sizes = [len(order[start : start + batch_size]) for start in starts]
+    global_batches = order[skip * batch_size :].split(batch_size)
     # this rank's rows of every global batch, read (and decoded in workers) as batches of their own
-    flat = torch.cat(mine) if mine else torch.zeros(0, dtype=torch.long)
-    reads = _read_in_pieces(split, flat, [len(rows) for rows in mine])
-    for index, images, size in zip(mine, reads, sizes):
-        yield normalize(images.to(device, non_blocking=True), prep), split.labels[index].to(device), index, size
-
-
-def _read_in_pieces(split: ImageSplit, rows: torch.Tensor, sizes: list[int]):
-    """The images of ``rows`` in consecutive pieces of ``sizes`` (which may differ by one)."""
-    if not sizes:
-        return
-    step = max(sizes)
-    if all(size == step for size in sizes[:-1]):
-        for _, images in read_batches(split, rows, step):
-            yield images
-        return
-    start = 0
-    for size in sizes:
-        yield split.images[rows[start : start + size]]
-        start += size
+    mine = [distributed.shard(rows) for rows in global_batches]
+    for (index, images), rows in zip(read_batches(split, mine), global_batches):
+        yield normalize(images.to(device, non_blocking=True), prep), split.labels[index].to(device), index, len(rows)
 
 
 @torch.no_grad()
