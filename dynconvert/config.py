@@ -104,9 +104,13 @@ class EvaluateConfig:
     """What is measured on the evaluation split."""
 
     latency_samples: int = option(200, "images timed one by one for the report's latency")
+    sweep_points: int = option(
+        6, "calibration-sweep points re-measured on the evaluation split where each costs a pass over it"
+    )
 
     def validate(self) -> None:
         check_range("evaluate.latency_samples", self.latency_samples, 0, None)
+        check_range("evaluate.sweep_points", self.sweep_points, 1, None)
 
 
 @dataclass

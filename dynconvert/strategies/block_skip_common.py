@@ -260,14 +260,18 @@ def settle_constant_decisions(dyn: BlockSkipModel, split, prep, recipe) -> dict:
     }
 
 
-def sweep_points_on_split(dyn, split, prep, recipe, sweep: list[dict], points: int = 6) -> list[dict]:
-    """Accuracy and FLOPs ratio on ``split`` at a few offsets of the calibration sweep (for the plot)."""
+def sweep_points_on_split(dyn, split, prep, recipe, sweep: list[dict]) -> list[dict]:
+    """Accuracy and FLOPs ratio on ``split`` at ``evaluate.sweep_points`` offsets of the
+    calibration sweep, evenly spread from the first to the last before all gates open (that
+    one is the static model, which the report measures anyway); for the plot and the loss
+    against the best point."""
     if not sweep:
         return []
     chosen = float(dyn.dyn.bias[0])
-    step = max(1, math.ceil(len(sweep) / points))
+    candidates = sweep[:-1] if len(sweep) > 1 and sweep[-1]["offset"] == ALL_OPEN else sweep
+    picks = torch.linspace(0, len(candidates) - 1, recipe.evaluate.sweep_points).round().long().unique()
     out = []
-    for p in sweep[::step]:
+    for p in [candidates[int(k)] for k in picks]:
         dyn.dyn.bias.fill_(p["offset"])
         preds, kept = _route_all(dyn, split, prep, recipe)
         out.append(

@@ -25,7 +25,7 @@ def batches(split: ImageSplit, prep: Preprocess, batch_size: int, device: str, o
     """Yield ``(normalised images, labels, index)`` batches of ``split`` in ``order``."""
     order = torch.arange(len(split)) if order is None else order
     for index, images in read_batches(split, list(order.split(batch_size))):
-        yield normalize(images.to(device, non_blocking=True), prep), split.labels[index].to(device), index
+        yield model_input(images, prep, device), split.labels[index].to(device), index
 
 
 def train_batches(
@@ -37,7 +37,19 @@ def train_batches(
     # this rank's rows of every global batch, read (and decoded in workers) as batches of their own
     mine = [distributed.shard(rows) for rows in global_batches]
     for (index, images), rows in zip(read_batches(split, mine), global_batches):
-        yield normalize(images.to(device, non_blocking=True), prep), split.labels[index].to(device), index, len(rows)
+        yield model_input(images, prep, device), split.labels[index].to(device), index, len(rows)
+
+
+def model_input(images: torch.Tensor, prep: Preprocess, device: str) -> torch.Tensor:
+    """A batch of uint8 images as the model's normalised input on ``device``.
+
+    On the CPU an image batch is laid out channels-last: oneDNN's convolutions run markedly
+    faster that way, and every layer after the first keeps the layout it is handed.
+    """
+    x = normalize(images.to(device, non_blocking=True), prep)
+    if x.dim() == 4 and x.device.type == "cpu":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 @torch.no_grad()
