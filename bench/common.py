@@ -9,6 +9,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -55,6 +56,58 @@ def run_cli(args: list[str], out: Path, cold_cache: bool = True) -> tuple[dict, 
         )
         seconds = time.perf_counter() - start
     return json.loads((out / "report.json").read_text()), seconds
+
+
+def tree_memory(root: int) -> tuple[int, int]:
+    """(PSS, RSS) in bytes, summed over ``root`` and all its descendants (from /proc)."""
+    pss = rss = 0
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
+                elif line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):  # the process ended while being read
+            continue
+    return pss, rss
+
+
+def peak_memory(command: list[str], env: dict) -> tuple[int, int]:
+    """(peak PSS, peak RSS sum) in bytes of the command's process tree."""
+    process = subprocess.Popen(command, env=env)
+    peak, done = [0, 0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            for k, value in enumerate(tree_memory(process.pid)):
+                peak[k] = max(peak[k], value)
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    code = process.wait()
+    done.set()
+    sampler.join()
+    if code != 0:
+        raise SystemExit(f"the conversion failed (exit {code}): {' '.join(command)}")
+    return peak[0], peak[1]
+
+
+def run_cli_with_memory(args: list[str], out: Path) -> tuple[dict, float, dict]:
+    """``run_cli`` with an empty decoded-image cache, also sampling the memory of the whole
+    process tree (``peak_memory``); returns (report, wall seconds, peak PSS and RSS sum in GB)."""
+    command = [sys.executable, "-m", "dynconvert.cli", *args, "--out", str(out), "--force"]
+    with tempfile.TemporaryDirectory() as cache:
+        start = time.perf_counter()
+        pss, rss = peak_memory(command, {**os.environ, "DYNCONVERT_CACHE": cache})
+        seconds = time.perf_counter() - start
+    memory = {"peak_pss_gb": round(pss / 1e9, 3), "peak_rss_sum_gb": round(rss / 1e9, 3)}
+    return json.loads((out / "report.json").read_text()), seconds, memory
 
 
 def repo_relative(path: Path) -> str:

@@ -16,59 +16,11 @@ bench/results/memory.json.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
-import tempfile
-import threading
-import time
-from pathlib import Path
 
-from common import OUT, SHARED, machine, write_result
+from common import OUT, SHARED, machine, run_cli_with_memory, write_result
 
 import dynconvert
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def tree_memory(root: int) -> tuple[int, int]:
-    """(PSS, RSS) in bytes, summed over ``root`` and all its descendants (from /proc)."""
-    pss = rss = 0
-    todo = [root]
-    while todo:
-        pid = todo.pop()
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    pss += int(line.split()[1]) * 1024
-                elif line.startswith("Rss:"):
-                    rss += int(line.split()[1]) * 1024
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except (OSError, ValueError):  # the process ended while being read
-            continue
-    return pss, rss
-
-
-def peak_memory(command: list[str], env: dict) -> tuple[int, int]:
-    """(peak PSS, peak RSS sum) in bytes of the command's process tree."""
-    process = subprocess.Popen(command, env=env)
-    peak, done = [0, 0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            for k, value in enumerate(tree_memory(process.pid)):
-                peak[k] = max(peak[k], value)
-            time.sleep(0.2)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    code = process.wait()
-    done.set()
-    sampler.join()
-    if code != 0:
-        raise SystemExit(f"the conversion failed (exit {code}): {' '.join(command)}")
-    return peak[0], peak[1]
 
 
 def main() -> None:
@@ -83,15 +35,12 @@ def main() -> None:
     for samples in args.samples:
         out = OUT / f"memory-{args.strategy}-{samples}"
         command = [
-            *(sys.executable, "-m", "dynconvert.cli", "tf_efficientnet_lite0", "--strategy", args.strategy),
-            *("--weights", str(weights), "--data", str(SHARED / "data" / "tiny-imagenet")),
-            *("--out", str(out), "--force", "-q"),
+            *("tf_efficientnet_lite0", "--strategy", args.strategy),
+            *("--weights", str(weights), "--data", str(SHARED / "data" / "tiny-imagenet"), "-q"),
             *("--set", f"data.max_train_samples={samples}", "--set", f"train.epochs={args.epochs}"),
             *("--set", f"data.max_eval_samples={args.eval_samples}"),
         ]
-        with tempfile.TemporaryDirectory() as cache:
-            pss, rss = peak_memory(command, {**os.environ, "DYNCONVERT_CACHE": cache})
-        gigabytes = {"peak_pss_gb": round(pss / 1e9, 3), "peak_rss_sum_gb": round(rss / 1e9, 3)}
+        _, _, gigabytes = run_cli_with_memory(command, out)
         runs.append({"train_samples": samples, **gigabytes})
         print(runs[-1], flush=True)
     growth = runs[-1]["peak_pss_gb"] / runs[0]["peak_pss_gb"] - 1.0

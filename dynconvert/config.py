@@ -84,6 +84,11 @@ class CalibrateConfig:
     flops_ratio: float | None = option(None, "or: the FLOPs budget, as a fraction of the static model's")
     criterion: str = option("max_softmax", "confidence of a prediction: max_softmax or entropy")
     reference: str = option("labels", "what a decision is judged against: labels, or agreement with the full model")
+    drop_from: str = option(
+        "static",
+        "what max_accuracy_drop is measured from: the static model, or best: the more accurate of it "
+        "and the best point of the sweep (fitted parts can beat the original on a new data set)",
+    )
 
     def validate(self) -> None:
         if (self.max_accuracy_drop is None) == (self.flops_ratio is None):
@@ -97,6 +102,7 @@ class CalibrateConfig:
             check_range("calibrate.flops_ratio", self.flops_ratio, 0.0, 1.0)
         check_choice("calibrate.criterion", self.criterion, ("max_softmax", "entropy"))
         check_choice("calibrate.reference", self.reference, ("agreement", "labels"))
+        check_choice("calibrate.drop_from", self.drop_from, ("static", "best"))
 
 
 @dataclass

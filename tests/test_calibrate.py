@@ -131,3 +131,20 @@ def test_a_part_that_does_not_export_says_how_to_calibrate_instead(tiny_data, ti
             options__fractions=[0.3, 0.6],
             **TINY_RUN,
         )
+
+
+def test_budget_from_the_best_point_when_it_beats_the_static_model():
+    points = [
+        {"accuracy_drop": 0.0, "accuracy_drop_bound": 0.0, "flops_ratio": 1.0},  # the static model
+        {"accuracy_drop": -0.05, "accuracy_drop_bound": -0.04, "flops_ratio": 0.95},  # fitted parts beat it
+        {"accuracy_drop": -0.045, "accuracy_drop_bound": -0.043, "flops_ratio": 0.85},  # half a point below best
+        {"accuracy_drop": 0.0, "accuracy_drop_bound": 0.005, "flops_ratio": 0.6},  # five points below best
+    ]
+    assert choose_point(points, max_accuracy_drop=0.01)[0]["flops_ratio"] == 0.6
+    assert choose_point(points, max_accuracy_drop=0.01, drop_from="best")[0]["flops_ratio"] == 0.85
+    # never looser than the static model: when no point beats it, the two agree
+    worse = [
+        {**p, "accuracy_drop": abs(p["accuracy_drop"]), "accuracy_drop_bound": abs(p["accuracy_drop_bound"])}
+        for p in points
+    ]
+    assert choose_point(worse, 0.01, drop_from="best")[0] == choose_point(worse, 0.01)[0]

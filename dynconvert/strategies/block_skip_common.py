@@ -224,7 +224,7 @@ def calibrate_bias(
                 "flops_ratio": float(dyn.sample_flops(kept).mean()) / dyn.static_flops(),
             }
         )
-    chosen, budget_met = choose_point(sweep, cal.max_accuracy_drop, cal.flops_ratio)
+    chosen, budget_met = choose_point(sweep, cal.max_accuracy_drop, cal.flops_ratio, drop_from=cal.drop_from)
     dyn.dyn.bias.fill_(chosen["offset"])
     return {
         "sweep": sweep,

@@ -56,7 +56,7 @@ def calibrate_exits(dyn: EarlyExitModel, split, prep, recipe, options) -> dict:
         if overhead:
             _with_true_flops(dyn, conf, path, "priced_ratio")
             cheapest_by = "priced_ratio"
-    chosen, budget_met = choose_point(path, cal.max_accuracy_drop, cal.flops_ratio, cheapest_by)
+    chosen, budget_met = choose_point(path, cal.max_accuracy_drop, cal.flops_ratio, cheapest_by, cal.drop_from)
     dyn.dyn.temperatures.copy_(torch.tensor(temperatures))
     dyn.dyn.thresholds.copy_(torch.tensor(chosen.thresholds))
     return {

@@ -149,7 +149,7 @@ class Cascade(Strategy):
                 thresholds = torch.tensor(point.thresholds[:-1])
                 stopped = simulate_exits(conf[:-1], thresholds)
                 point.flops_ratio = float(dyn.stage_costs(thresholds)[stopped].mean()) / dyn.static_flops()
-            options[rule] = (path, *choose_point(path, cal.max_accuracy_drop, cal.flops_ratio))
+            options[rule] = (path, *choose_point(path, cal.max_accuracy_drop, cal.flops_ratio, drop_from=cal.drop_from))
         # the same chooser picks between the rules' chosen points
         best, _ = choose_point([p for _, p, _ in options.values()], cal.max_accuracy_drop, cal.flops_ratio)
         rule = next(r for r, (_, p, _) in options.items() if p is best)
