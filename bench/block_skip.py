@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import shutil
 
-from common import OUT, RESULTS, SHARED, machine, run_cli, with_earlier_rows, write_result
+from common import OUT, RESULTS, SHARED, accuracy_fields, machine, run_cli, with_earlier_rows, write_result
 
 VARIANTS = {
     "default": [],
@@ -32,13 +32,7 @@ def row(variant: str, command: list[str], report: dict, seconds: float) -> dict:
     return {
         "variant": variant,
         "command": "dynconvert " + " ".join(command),
-        "splits": report["splits"],
-        "evaluated_samples": report["evaluated_samples"],
-        "static_accuracy": report["static"]["accuracy"],
-        "dynamic_accuracy": dynamic["accuracy"],
-        "accuracy_change_points": 100 * report["accuracy_change"],
-        "accuracy_drop_vs_best_point_points": 100 * report["accuracy_drop_vs_best_point"],
-        "flops_ratio": report["flops_ratio"],
+        **accuracy_fields(report),
         "controller_mflops": report["inserted_flops"] / 1e6,
         "blocks_used_mean": dynamic["blocks_used_mean"],
         "blocks_used_std": dynamic["blocks_used_std"],

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import shutil
 
-from common import OUT, RESULTS, SHARED, machine, run_cli, with_earlier_rows, write_result
+from common import OUT, RESULTS, SHARED, accuracy_fields, machine, run_cli, with_earlier_rows, write_result
 
 MODELS = SHARED / "models"
 KINDS = {
@@ -69,14 +69,8 @@ def main() -> None:
         "variant": variant,
         "data": kind["data"],
         "command": "dynconvert " + " ".join(command),
-        "splits": report["splits"],
         "classes": report["classes"],
-        "evaluated_samples": report["evaluated_samples"],
-        "static_accuracy": report["static"]["accuracy"],
-        "dynamic_accuracy": report["dynamic"]["accuracy"],
-        "accuracy_change_points": 100 * report["accuracy_change"],
-        "accuracy_drop_vs_best_point_points": 100 * report["accuracy_drop_vs_best_point"],
-        "flops_ratio": report["flops_ratio"],
+        **accuracy_fields(report),
         "stage_histogram": report["dynamic"]["stage_histogram"],
         "alone": {name: {"accuracy": p["accuracy"], "flops_ratio": p["flops_ratio"]} for name, p in alone.items()},
         "combine": calibration["combine"],

@@ -110,6 +110,21 @@ def run_cli_with_memory(args: list[str], out: Path) -> tuple[dict, float, dict]:
     return json.loads((out / "report.json").read_text()), seconds, memory
 
 
+def accuracy_fields(report: dict) -> dict:
+    """The figures every conversion row states: the split sizes, the static and dynamic accuracy,
+    the loss against the static model and against the best point of the conversion's own sweep
+    on the evaluation split (in points), and the FLOPs ratio."""
+    return {
+        "splits": report["splits"],
+        "evaluated_samples": report["evaluated_samples"],
+        "static_accuracy": report["static"]["accuracy"],
+        "dynamic_accuracy": report["dynamic"]["accuracy"],
+        "accuracy_change_points": 100 * report["accuracy_change"],
+        "accuracy_drop_vs_best_point_points": 100 * report["accuracy_drop_vs_best_point"],
+        "flops_ratio": report["flops_ratio"],
+    }
+
+
 def repo_relative(path: Path) -> str:
     """``path`` relative to the repository when it lies inside (the same on every checkout)."""
     resolved = Path(path).resolve()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import shutil
 
-from common import OUT, RESULTS, SHARED, machine, run_cli, with_earlier_rows, write_result
+from common import OUT, RESULTS, SHARED, accuracy_fields, machine, run_cli, with_earlier_rows, write_result
 
 VARIANTS = {
     "default": [],
@@ -57,13 +57,7 @@ def main() -> None:
                 "data": name,
                 "variant": variant,
                 "command": "dynconvert " + " ".join(command),
-                "splits": report["splits"],
-                "evaluated_samples": report["evaluated_samples"],
-                "static_accuracy": report["static"]["accuracy"],
-                "dynamic_accuracy": report["dynamic"]["accuracy"],
-                "accuracy_change_points": 100 * report["accuracy_change"],
-                "accuracy_drop_vs_best_point_points": 100 * report["accuracy_drop_vs_best_point"],
-                "flops_ratio": report["flops_ratio"],
+                **accuracy_fields(report),
                 "static_mflops": report["static"]["flops"] / 1e6,
                 "inserted_mflops": report["inserted_flops"] / 1e6,
                 "exit_histogram": report["dynamic"]["exit_histogram"],

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import shutil
 
-from common import OUT, RESULTS, SHARED, machine, run_cli_with_memory, with_earlier_rows, write_result
+from common import OUT, RESULTS, SHARED, accuracy_fields, machine, run_cli_with_memory, with_earlier_rows, write_result
 
 STRATEGIES = ("early-exit", "skipnet", "blockdrop")
 
@@ -48,14 +48,8 @@ def main() -> None:
             {
                 "strategy": strategy,
                 "command": "dynconvert " + " ".join(command).replace(str(SHARED), "../shared"),
-                "splits": report["splits"],
                 "classes": {k: report["classes"][k] for k in ("how", "data_classes", "model_classes")},
-                "evaluated_samples": report["evaluated_samples"],
-                "static_accuracy": report["static"]["accuracy"],
-                "dynamic_accuracy": report["dynamic"]["accuracy"],
-                "accuracy_change_points": 100 * report["accuracy_change"],
-                "accuracy_drop_vs_best_point_points": 100 * report["accuracy_drop_vs_best_point"],
-                "flops_ratio": report["flops_ratio"],
+                **accuracy_fields(report),
                 "static_mflops": report["static"]["flops"] / 1e6,
                 "inserted_mflops": report["inserted_flops"] / 1e6,
                 "dynamic": summary(report),
