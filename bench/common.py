@@ -19,6 +19,9 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("DYNCONVERT_SHARED", REPO.parent / "shared"))
 RESULTS = REPO / "bench" / "results"
 OUT = REPO / "bench" / "out"
+# reading a large process's memory map costs the kernel time: sample often enough to catch a
+# peak that lasts a batch, seldom enough not to slow what is measured
+SAMPLE_SECONDS = 1.0
 
 
 def machine() -> dict:
@@ -86,7 +89,7 @@ def peak_memory(command: list[str], env: dict) -> tuple[int, int]:
         while not done.is_set():
             for k, value in enumerate(tree_memory(process.pid)):
                 peak[k] = max(peak[k], value)
-            time.sleep(0.2)
+            time.sleep(SAMPLE_SECONDS)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()

@@ -4,7 +4,7 @@
 
 Runs ``dynconvert tf_efficientnet_lite0 --strategy STRATEGY --weights LITE0 --data tiny-imagenet
 --set data.max_train_samples=N`` once per N, as a user would (a fresh process, an empty
-decoded-image cache), and samples every 0.2 s the memory of the whole process tree (the
+decoded-image cache), and samples every second the memory of the whole process tree (the
 conversion and its DataLoader workers): the proportional set size (PSS: each page shared
 between processes counted once, split among them, so the tree's total is what it occupies),
 and the sum of their resident sets (RSS: a shared page counted in every process that maps it,
