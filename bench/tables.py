@@ -155,26 +155,35 @@ def summary() -> str:
     return "\n".join(rows)
 
 
-# The README's table: one row per conversion, each read from its bench's JSON file (its default
-# recipe's run on README_DATA) and joined with that conversion's row in README_SPEED. Another
-# strategy's row is one more entry here.
+# The README's table: one row per conversion, each read from its bench's JSON file (the default
+# recipe's run of that strategy on that data) and joined with that conversion's row in
+# README_SPEED. Another strategy's row is one more entry here.
 README_ROWS = [
-    ("early exit", "early_exit.json"),
-    ("SkipNet", "skipnet.json"),
-    ("BlockDrop", "blockdrop.json"),
-    ("cascade ResNet-20 → 56", "cascade.json"),
+    ("early exit", "early_exit.json", "cifar10-jpeg", "early-exit"),
+    ("SkipNet", "skipnet.json", "cifar10-jpeg", "skipnet"),
+    ("BlockDrop", "blockdrop.json", "cifar10-jpeg", "blockdrop"),
+    ("cascade ResNet-20 → 56", "cascade.json", "cifar10-jpeg", "cascade"),
+    ("Lite0 early exit", "lite0.json", "tiny-imagenet", "early-exit"),
+    ("Lite0 SkipNet", "lite0.json", "tiny-imagenet", "skipnet"),
+    ("Lite0 BlockDrop", "lite0.json", "tiny-imagenet", "blockdrop"),
+    ("Lite0 resolution cascade", "resolution.json", "tiny-imagenet", "resolution"),
 ]
-README_DATA = "cifar10-jpeg"
+README_DATA = {"cifar10-jpeg": "CIFAR-10 test images", "tiny-imagenet": "Tiny-ImageNet validation images (200-way)"}
 README_SPEED = "speed.json"
 README_MARKERS = ("<!-- results-table:start -->", "<!-- results-table:end -->")
 
 
-def default_run(data: dict) -> dict:
-    """The default recipe's run on README_DATA in one bench's JSON file."""
+def default_run(data: dict, data_name: str, strategy: str) -> dict | None:
+    """The default recipe's run of ``strategy`` on ``data_name`` in one bench's JSON file."""
     for r in data["runs"]:
-        if r.get("variant", "default") == "default" and r.get("data", data.get("data")) == README_DATA:
+        default = r.get("variant", "default") == "default"
+        if (
+            default
+            and r.get("data", data.get("data")) == data_name
+            and command_option(r["command"], "--strategy") == strategy
+        ):
             return r
-    raise SystemExit(f"no default run on {README_DATA} in this file")
+    return None
 
 
 def command_option(command: str, option: str) -> str:
@@ -216,14 +225,15 @@ def readme() -> str:
         "time ratio, batch 1 | quotient, batch 1 | time ratio, batch 64 | quotient, batch 64 | conversion time |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    machines, samples, splits, timed_images = {}, set(), set(), set()
-    for label, file in README_ROWS:
+    machines, evaluated, timed_images = {}, {}, set()
+    for label, file, data_name, strategy in README_ROWS:
         data = json.loads((RESULTS / file).read_text())
-        run = default_run(data)
+        run = default_run(data, data_name, strategy)
+        if run is None:
+            continue
         timed = timed_row(run, speed_data["results"])
         machines.setdefault(run.get("measured_on", data["machine"]["cpu"]), []).append(file)
-        samples.add(run["evaluated_samples"])
-        splits.add(run["splits"]["evaluation"])
+        evaluated.setdefault(data_name, set()).add(run["evaluated_samples"])
         times = "not timed | n/a | not timed | n/a"
         if timed is not None:
             machines.setdefault(timed.get("measured_on", speed_data["machine"]["cpu"]), []).append(README_SPEED)
@@ -238,20 +248,22 @@ def readme() -> str:
             f"{run['accuracy_change_points']:+.2f} pt | {best_point(run)} | {run['flops_ratio']:.3f} | {times} | "
             f"{run['conversion_seconds'] / 60:.1f} min |"
         )
-    files = ", ".join(f"`bench/results/{file}`" for _, file in README_ROWS)
+    files = ", ".join(f"`bench/results/{file}`" for file in dict.fromkeys(file for _, file, _, _ in README_ROWS))
     where = (
         next(iter(machines))
         if len(machines) == 1
         else "; ".join(f"{cpu} ({', '.join(dict.fromkeys(used))})" for cpu, used in machines.items())
     )
     timer = speed_data["machine"]
-    evaluated = " / ".join(f"{n:,}" for n in sorted(samples))
+    images = "; ".join(
+        f"all {' / '.join(f'{n:,}' for n in sorted(counts))} {README_DATA[name]}" for name, counts in evaluated.items()
+    )
     first = " / ".join(str(n) for n in sorted(timed_images))
     rows.append("")
     rows.append(
-        f"Accuracy, FLOPs and conversion time: all {evaluated} {README_DATA} {'/'.join(sorted(splits))} images, "
-        f"default recipes ({files}); times: PyTorch {timer['torch']} on {timer['cores']} cores, default memory "
-        f"format, the first {first} of those images (`bench/results/{README_SPEED}`). Measured on {where}."
+        f"Accuracy, FLOPs and conversion time: {images}, default recipes ({files}); times: PyTorch "
+        f"{timer['torch']} on {timer['cores']} cores, default memory format, the first {first} of those images "
+        f"(`bench/results/{README_SPEED}`). Measured on {where}."
     )
     return "\n".join(rows)
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 import dynconvert
 from dynconvert.recipe import build_recipe, default_recipe_name
 
@@ -52,3 +55,28 @@ def test_efficientnet_resolution_recipe_takes_its_preprocessing_from_the_model()
     prep = Preprocess.from_model(timm.create_model("tf_efficientnet_lite0", pretrained=False))
     assert prep.mean == prep.std == (0.5, 0.5, 0.5) and prep.interpolation == "bicubic"
     assert build_recipe(None, "mobilenetv3_large_100", "resolution").options["scales"] == [0.5, 0.75, 1.0]
+
+
+@pytest.mark.parametrize("strategy", ["early-exit", "skipnet", "blockdrop"])
+def test_efficientnet_recipes_convert_end_to_end(tiny_imagenet_style_data, tmp_path, strategy):
+    """The family's recipes as a user gets them (random weights, 64 px, a few images): the
+    exits, gates or policy land on an inverted-residual network and the run reports honestly."""
+    out = tmp_path / strategy
+    dynconvert.convert(
+        "efficientnet_lite0",
+        strategy=strategy,
+        data=str(tiny_imagenet_style_data),
+        out=out,
+        model__pretrained=False,
+        model__num_classes=3,
+        model__input_size=[64, 64],
+        train__epochs=1,
+        evaluate__latency_samples=1,
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["evaluated_samples"] == 6
+    assert report["accuracy_drop_vs_best_point"] >= 0.0
+    # the policy reads a fixed 48 px image, sized for 224 px inputs: at 64 px it weighs more
+    assert report["inserted_flops"] < (0.2 if strategy == "blockdrop" else 0.05) * report["static"]["flops"]
+    assert 0 < report["flops_ratio"] <= 1.2
+    assert dynconvert.load(out)(torch.zeros(2, 3, 64, 64)).shape == (2, 3)

@@ -8,7 +8,7 @@ from conftest import TINY_RUN
 
 import dynconvert
 from dynconvert.runtime.cost_table import exit_cost_table
-from dynconvert.toolkit.calibrate import OFF, threshold_sweep
+from dynconvert.toolkit.calibrate import OFF, bound_drops_from_best, drop_upper_bound, threshold_sweep
 from dynconvert.toolkit.choose import choose_point
 
 
@@ -148,3 +148,26 @@ def test_budget_from_the_best_point_when_it_beats_the_static_model():
         for p in points
     ]
     assert choose_point(worse, 0.01, drop_from="best")[0] == choose_point(worse, 0.01)[0]
+
+
+def test_drops_from_the_best_point_are_bounded_on_their_own_differences():
+    n = 4000
+    generator = torch.Generator().manual_seed(0)
+    static = torch.rand(n, generator=generator) < 0.52
+    best = torch.rand(n, generator=generator) < 0.62  # fitted heads, right on other samples
+    cheaper = best.clone()
+    cheaper[best.nonzero()[:20, 0]] = False  # half a point below the best, the same answers otherwise
+    points = [
+        {"accuracy_drop": float(static.float().mean() - h.float().mean()), "flops_ratio": r}
+        for h, r in ((static, 1.0), (best, 0.95), (cheaper, 0.85))
+    ]
+    for p, h in zip(points, (static, best, cheaper)):
+        p["accuracy_drop_bound"] = drop_upper_bound(static.float() - h.float())[1]
+    bound_drops_from_best(points, [static, best, cheaper])
+    assert points[1]["accuracy_drop_from_best"] == 0.0
+    assert abs(points[2]["accuracy_drop_from_best"] - 20 / n) < 1e-6
+    # the shifted bound carries the spread of every changed answer and refuses the cheaper point;
+    # the bound on the two points' own differences accepts it
+    shifted = points[2]["accuracy_drop_bound"] - points[1]["accuracy_drop"]
+    assert shifted > 0.01 >= points[2]["accuracy_drop_from_best_bound"]
+    assert choose_point(points, 0.01, drop_from="best")[0]["flops_ratio"] == 0.85

@@ -16,7 +16,7 @@ from dynconvert.progress import progress_bar
 from dynconvert.runtime.block_skip import BlockSkipModel
 from dynconvert.runtime.corrections import SkipCorrection, correction_rank
 from dynconvert.toolkit import distributed
-from dynconvert.toolkit.calibrate import drop_upper_bound
+from dynconvert.toolkit.calibrate import bound_drops_from_best, drop_upper_bound
 from dynconvert.toolkit.checkpoint import Checkpointer
 from dynconvert.toolkit.choose import choose_point
 from dynconvert.toolkit.costs import count_flops, node_flops
@@ -210,12 +210,13 @@ def calibrate_bias(
     static_pred = static_logits.argmax(1)
     reference = static_pred if cal.reference == "agreement" else split.labels
     static_hits = (static_pred == reference).float()
-    sweep = []
+    sweep, hits = [], []
     # the last offset opens every gate: the original network, always within any accuracy budget
     for offset in progress_bar([*offsets, ALL_OPEN], desc="calibrate", unit="offset"):
         dyn.dyn.bias.fill_(offset)
         preds, kept = _route_all(dyn, split, prep, recipe)
-        drop, bound = drop_upper_bound(static_hits - (preds == reference).float())
+        hits.append(preds == reference)
+        drop, bound = drop_upper_bound(static_hits - hits[-1].float())
         sweep.append(
             {
                 "offset": offset,
@@ -224,6 +225,8 @@ def calibrate_bias(
                 "flops_ratio": float(dyn.sample_flops(kept).mean()) / dyn.static_flops(),
             }
         )
+    if cal.drop_from == "best":
+        bound_drops_from_best(sweep, hits)
     chosen, budget_met = choose_point(sweep, cal.max_accuracy_drop, cal.flops_ratio, drop_from=cal.drop_from)
     dyn.dyn.bias.fill_(chosen["offset"])
     return {

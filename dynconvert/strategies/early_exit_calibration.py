@@ -13,6 +13,7 @@ from dynconvert.runtime.early_exit import EarlyExitModel
 from dynconvert.runtime.stage_exits import StageExitModel
 from dynconvert.strategies.early_exit_latency import early_exit_latency, early_exit_onnx_latency
 from dynconvert.toolkit.calibrate import (
+    bound_drops_from_best,
     exit_confidences,
     fit_temperature,
     simulate_exits,
@@ -56,6 +57,11 @@ def calibrate_exits(dyn: EarlyExitModel, split, prep, recipe, options) -> dict:
         if overhead:
             _with_true_flops(dyn, conf, path, "priced_ratio")
             cheapest_by = "priced_ratio"
+    if cal.drop_from == "best":
+        correct = torch.cat([exit_correct, final_correct[None]])
+        columns = torch.arange(correct.shape[1])
+        hits = [correct[simulate_exits(conf, torch.tensor(p.thresholds)), columns] for p in path]
+        bound_drops_from_best(path, hits)
     chosen, budget_met = choose_point(path, cal.max_accuracy_drop, cal.flops_ratio, cheapest_by, cal.drop_from)
     dyn.dyn.temperatures.copy_(torch.tensor(temperatures))
     dyn.dyn.thresholds.copy_(torch.tensor(chosen.thresholds))

@@ -42,6 +42,27 @@ class SweepPoint:
     time_ratio: float | None = None  # set when the sweep was costed in measured time
     # set when each head run was priced above its FLOPs (calibrate.head_overhead_mflops)
     priced_ratio: float | None = None
+    # set by bound_drops_from_best: the drop from the sweep's most accurate point
+    accuracy_drop_from_best: float | None = None
+    accuracy_drop_from_best_bound: float | None = None
+
+
+def bound_drops_from_best(points: list, correct: list[torch.Tensor]) -> None:
+    """Set each point's accuracy drop from the most accurate point of the sweep and its 95%
+    upper bound, from per-sample changes (``correct[k]``: which samples point k gets right).
+
+    The bound's standard error is that of the difference between the two points, which share
+    most of their answers; shifting the bound measured against the static model instead would
+    carry the spread of every answer the fitted parts change, and refuse points that are not
+    worse. Points are objects or dicts.
+    """
+    best = max(range(len(points)), key=lambda k: float(correct[k].float().mean()))
+    for point, hits in zip(points, correct):
+        drop, bound = drop_upper_bound(correct[best].float() - hits.float())
+        if isinstance(point, dict):
+            point.update(accuracy_drop_from_best=drop, accuracy_drop_from_best_bound=bound)
+        else:
+            point.accuracy_drop_from_best, point.accuracy_drop_from_best_bound = drop, bound
 
 
 def simulate_exits(conf: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:

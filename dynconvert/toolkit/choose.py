@@ -28,16 +28,16 @@ def choose_point(
 
     With ``max_accuracy_drop``: the cheapest point (in ``cheapest_by``: the FLOPs ratio, or a
     ratio the sweep was priced in) whose drop bound is within it. Drops are measured from the
-    static model; with ``drop_from="best"``, from the most accurate point of the sweep where
-    that one beats the static model (each drop and bound less the best point's gain), so the
-    point is within the budget of both. With ``flops_ratio``: the most
-    accurate point within that FLOPs ratio. When no point meets the budget the most accurate
-    point is kept, a warning says so, and the second value is False. Points are objects or
+    static model; with ``drop_from="best"``, also from the most accurate point of the sweep (the
+    point is within the budget of both): by the points' ``accuracy_drop_from_best_bound`` where
+    the sweep set it (``calibrate.bound_drops_from_best``), else by each bound less the best
+    point's gain over the static model. With ``flops_ratio``: the most accurate point within
+    that FLOPs ratio. When no point meets the budget the most accurate point is kept, a warning
+    says so, and the second value is False. Points are objects or
     dicts with those fields.
     """
     if max_accuracy_drop is not None:
-        gain = max(0.0, -min(_get(p, "accuracy_drop") for p in points)) if drop_from == "best" else 0.0
-        feasible = [p for p in points if _get(p, "accuracy_drop_bound") + gain <= max_accuracy_drop]
+        feasible = [p for p in points if _drop_bound(p, points, drop_from) <= max_accuracy_drop]
         if feasible:
             return min(feasible, key=lambda p: _get(p, cheapest_by)), True
         wanted = f"an accuracy drop within {max_accuracy_drop:.3f} (95% upper bound)"
@@ -55,3 +55,19 @@ def choose_point(
         _get(best, "flops_ratio"),
     )
     return best, False
+
+
+def _drop_bound(point: Any, points: list, drop_from: str) -> float:
+    """The upper bound of ``point``'s accuracy drop that the budget is checked against."""
+    bound = _get(point, "accuracy_drop_bound")
+    if drop_from != "best":
+        return bound
+    from_best = (
+        point.get("accuracy_drop_from_best_bound")
+        if isinstance(point, dict)
+        else getattr(point, "accuracy_drop_from_best_bound", None)
+    )
+    if from_best is not None:
+        return max(bound, from_best)
+    gain = max(0.0, -min(_get(p, "accuracy_drop") for p in points))
+    return bound + gain
