@@ -1,7 +1,8 @@
 """Markdown tables of the benchmark results in bench/results/*.json (the README's table and
 docs/results.md's).
 
-python bench/tables.py [early_exit|skipnet|blockdrop|speed|speed-channels_last|speed-cuda|export|summary|readme ...]
+python bench/tables.py [early_exit|skipnet|blockdrop|lite0|speed|speed-channels_last|speed-cuda|export|
+                        summary|readme ...]
 python bench/tables.py --write-readme   # README.md's table, between its results-table markers
 """
 
@@ -53,6 +54,27 @@ def block_skip(data: dict) -> str:
             f"{100 * r['dynamic_accuracy']:.2f}% | {r['accuracy_change_points']:+.2f} pt | {r['flops_ratio']:.3f} | "
             f"{r['blocks_used_mean']:.1f} of {r['blocks_total']} | {never} / {varying} / {always} | "
             f"{r['distinct_policies']} | {r['conversion_seconds'] / 60:.1f} min |"
+        )
+    return "\n".join(rows)
+
+
+def lite0(data: dict) -> str:
+    rows = [
+        "| strategy | static acc. | dynamic acc. | change | loss vs best sweep point | FLOPs ratio | "
+        "inserted MFLOPs | what it did | conversion time | peak memory (PSS / RSS sum) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in data["runs"]:
+        done = r["dynamic"]
+        if "exit_histogram" in done:
+            did = "exits taken: " + " / ".join(str(n) for n in done["exit_histogram"])
+        else:
+            did = f"{done['blocks_used_mean']:.2f} of {done['blocks_total']} blocks"
+        rows.append(
+            f"| {r['strategy']} | {100 * r['static_accuracy']:.2f}% | {100 * r['dynamic_accuracy']:.2f}% | "
+            f"{r['accuracy_change_points']:+.2f} pt | {best_point(r)} | "
+            f"{r['flops_ratio']:.3f} | {r['inserted_mflops']:.1f} | {did} | {r['conversion_seconds'] / 60:.1f} min | "
+            f"{r['peak_pss_gb']:.2f} / {r['peak_rss_sum_gb']:.2f} GB |"
         )
     return "\n".join(rows)
 
@@ -213,7 +235,7 @@ def best_point(run: dict) -> str:
     """The loss against the most accurate point of the conversion's own sweep on the evaluation
     split, where the run recorded it (runs before the report had it did not)."""
     loss = run.get("accuracy_drop_vs_best_point_points")
-    return "not recorded" if loss is None else f"{loss:.2f} pt"
+    return "not recorded" if loss is None else f"{round(loss, 2) + 0.0:.2f} pt"  # no "-0.00"
 
 
 def readme() -> str:
@@ -301,6 +323,7 @@ RENDER = {
     "early_exit": early_exit,
     "skipnet": block_skip,
     "blockdrop": block_skip,
+    "lite0": lite0,
     "speed": speed,
     "speed-channels_last": speed,
     "speed-cuda": speed,
