@@ -179,7 +179,7 @@ def summary() -> str:
 
 # The README's table: one row per conversion, each read from its bench's JSON file (the default
 # recipe's run of that strategy on that data) and joined with that conversion's row in
-# README_SPEED. Another strategy's row is one more entry here.
+# the speed file of its data set (README_DATA). Another strategy's row is one more entry here.
 README_ROWS = [
     ("early exit", "early_exit.json", "cifar10-jpeg", "early-exit"),
     ("SkipNet", "skipnet.json", "cifar10-jpeg", "skipnet"),
@@ -190,8 +190,12 @@ README_ROWS = [
     ("Lite0 BlockDrop", "lite0.json", "tiny-imagenet", "blockdrop"),
     ("Lite0 resolution cascade", "resolution.json", "tiny-imagenet", "resolution"),
 ]
-README_DATA = {"cifar10-jpeg": "CIFAR-10 test images", "tiny-imagenet": "Tiny-ImageNet validation images (200-way)"}
-README_SPEED = "speed.json"
+# per data set: what its evaluation images are, and the speed file its conversions were timed in
+# (the CIFAR models in PyTorch's default memory format; Lite0 channels-last, as a CPU runs it)
+README_DATA = {
+    "cifar10-jpeg": ("CIFAR-10 test images", "speed.json", "default memory format"),
+    "tiny-imagenet": ("Tiny-ImageNet validation images (200-way)", "speed-channels_last.json", "channels-last"),
+}
 README_MARKERS = ("<!-- results-table:start -->", "<!-- results-table:end -->")
 
 
@@ -239,27 +243,31 @@ def best_point(run: dict) -> str:
 
 
 def readme() -> str:
-    """The README's one table (README_ROWS), then a line naming the data, the split, the files
-    and the machines the figures come from."""
-    speed_data = json.loads((RESULTS / README_SPEED).read_text())
+    """The README's one table (README_ROWS), then a line per data set naming its images, the
+    files and the machines the figures come from."""
     rows = [
         "| conversion | static acc. | dynamic acc. | accuracy change | loss vs best sweep point | FLOPs ratio | "
         "time ratio, batch 1 | quotient, batch 1 | time ratio, batch 64 | quotient, batch 64 | conversion time |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    machines, evaluated, timed_images = {}, {}, set()
+    sources: dict[str, dict] = {}
     for label, file, data_name, strategy in README_ROWS:
         data = json.loads((RESULTS / file).read_text())
         run = default_run(data, data_name, strategy)
         if run is None:
             continue
+        speed_file = README_DATA[data_name][1]
+        speed_data = json.loads((RESULTS / speed_file).read_text())
         timed = timed_row(run, speed_data["results"])
-        machines.setdefault(run.get("measured_on", data["machine"]["cpu"]), []).append(file)
-        evaluated.setdefault(data_name, set()).add(run["evaluated_samples"])
+        source = sources.setdefault(data_name, {"files": {}, "machines": {}, "samples": set(), "timed": set()})
+        source["files"][file] = None
+        source["machines"].setdefault(run.get("measured_on", data["machine"]["cpu"]), {})[file] = None
+        source["samples"].add(run["evaluated_samples"])
         times = "not timed | n/a | not timed | n/a"
         if timed is not None:
-            machines.setdefault(timed.get("measured_on", speed_data["machine"]["cpu"]), []).append(README_SPEED)
-            timed_images.add(timed["images"])
+            source["machines"].setdefault(timed.get("measured_on", speed_data["machine"]["cpu"]), {})[speed_file] = None
+            source["timed"].add(timed["images"])
+            source["torch"] = speed_data["machine"]
             b1, b64 = timed["batch1"], timed["batch64"]
             times = (
                 f"{b1['time_ratio']:.3f} | {b1['time_ratio_over_flops_ratio']:.2f} | "
@@ -270,24 +278,29 @@ def readme() -> str:
             f"{run['accuracy_change_points']:+.2f} pt | {best_point(run)} | {run['flops_ratio']:.3f} | {times} | "
             f"{run['conversion_seconds'] / 60:.1f} min |"
         )
-    files = ", ".join(f"`bench/results/{file}`" for file in dict.fromkeys(file for _, file, _, _ in README_ROWS))
-    where = (
-        next(iter(machines))
-        if len(machines) == 1
-        else "; ".join(f"{cpu} ({', '.join(dict.fromkeys(used))})" for cpu, used in machines.items())
-    )
-    timer = speed_data["machine"]
-    images = "; ".join(
-        f"all {' / '.join(f'{n:,}' for n in sorted(counts))} {README_DATA[name]}" for name, counts in evaluated.items()
-    )
-    first = " / ".join(str(n) for n in sorted(timed_images))
     rows.append("")
-    rows.append(
-        f"Accuracy, FLOPs and conversion time: {images}, default recipes ({files}); times: PyTorch "
-        f"{timer['torch']} on {timer['cores']} cores, default memory format, the first {first} of those images "
-        f"(`bench/results/{README_SPEED}`). Measured on {where}."
-    )
-    return "\n".join(rows)
+    for data_name, source in sources.items():
+        described, speed_file, layout = README_DATA[data_name]
+        files = ", ".join(f"`bench/results/{file}`" for file in source["files"])
+        machines = source["machines"]
+        where = (
+            next(iter(machines))
+            if len(machines) == 1
+            else "; ".join(f"{cpu} ({', '.join(used)})" for cpu, used in machines.items())
+        )
+        samples = " / ".join(f"{n:,}" for n in sorted(source["samples"]))
+        timing = ""
+        if source["timed"]:
+            timer = source["torch"]
+            first = " / ".join(str(n) for n in sorted(source["timed"]))
+            timing = (
+                f"; times: PyTorch {timer['torch']} on {timer['cores']} cores, {layout}, the first {first} of "
+                f"those images (`bench/results/{speed_file}`)"
+            )
+        rows.append(
+            f"{data_name}: all {samples} {described}, default recipes ({files}){timing}. Measured on {where}.\n"
+        )
+    return "\n".join(rows).rstrip()
 
 
 def write_readme(path: Path = REPO / "README.md") -> None:
