@@ -9,16 +9,21 @@ conversion and its DataLoader workers): the proportional set size (PSS: each pag
 between processes counted once, split among them, so the tree's total is what it occupies),
 and the sum of their resident sets (RSS: a shared page counted in every process that maps it,
 an upper bound). Memory depends on how much data passes through, not on how often, so the runs
-train ``--epochs`` epochs and evaluate on ``--eval-samples`` images to stay short. Writes
+train ``--epochs`` epochs and evaluate on ``--eval-samples`` images to stay short. Where
+``bench/lite0.py`` has run the strategy's default conversion (all 40,000 training images, all
+10,000 validation images), its peak, sampled the same way, is recorded beside the runs
+(``default_conversion``) with the growth to it from the first run: an upper bound on what the
+training set adds, since that run also evaluates on ten times as many images. Writes
 bench/results/memory.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-from common import OUT, SHARED, machine, run_cli_with_memory, write_result
+from common import OUT, RESULTS, SHARED, machine, run_cli_with_memory, write_result
 
 import dynconvert
 
@@ -44,6 +49,10 @@ def main() -> None:
         runs.append({"train_samples": samples, **gigabytes})
         print(runs[-1], flush=True)
     growth = runs[-1]["peak_pss_gb"] / runs[0]["peak_pss_gb"] - 1.0
+    default = default_conversion(args.strategy)
+    if default is not None:
+        default["growth_from_first_run"] = round(default["peak_pss_gb"] / runs[0]["peak_pss_gb"] - 1.0, 4)
+        print(f"the default conversion ({default['train_samples']} training images): {default}")
     write_result(
         "memory",
         {
@@ -53,11 +62,30 @@ def main() -> None:
             "strategy": args.strategy,
             "runs": runs,
             "growth": round(growth, 4),
+            **({"default_conversion": default} if default else {}),
             "machine": machine(),
             "dynconvert": dynconvert.__version__,
         },
     )
     print(f"peak memory grows {growth:+.1%} from {args.samples[0]} to {args.samples[-1]} training images")
+
+
+def default_conversion(strategy: str) -> dict | None:
+    """The peak memory of ``bench/lite0.py``'s default run of ``strategy``, where it ran."""
+    path = RESULTS / "lite0.json"
+    if not path.is_file():
+        return None
+    for run in json.loads(path.read_text())["runs"]:
+        if run["strategy"] == strategy:
+            splits = run["splits"]
+            return {
+                "train_samples": splits["fit_samples"] + splits["calibration_samples"],
+                "eval_samples": run["evaluated_samples"],
+                "peak_pss_gb": run["peak_pss_gb"],
+                "peak_rss_sum_gb": run["peak_rss_sum_gb"],
+                "command": run["command"],
+            }
+    return None
 
 
 if __name__ == "__main__":
