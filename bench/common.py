@@ -113,6 +113,13 @@ def run_cli_with_memory(args: list[str], out: Path) -> tuple[dict, float, dict]:
     return json.loads((out / "report.json").read_text()), seconds, memory
 
 
+def lite0_command(strategy: str, *extra: str) -> list[str]:
+    """The CLI arguments converting EfficientNet-Lite0 (ImageNet-1k weights) on Tiny-ImageNet."""
+    weights = SHARED / "models" / "imagenet" / "tf_efficientnet_lite0.safetensors"
+    data = SHARED / "data" / "tiny-imagenet"
+    return ["tf_efficientnet_lite0", "--strategy", strategy, "--weights", str(weights), "--data", str(data), *extra]
+
+
 def accuracy_fields(report: dict) -> dict:
     """The figures every conversion row states: the split sizes, the static and dynamic accuracy,
     the loss against the static model and against the best point of the conversion's own sweep

@@ -17,7 +17,17 @@ from __future__ import annotations
 import argparse
 import shutil
 
-from common import OUT, RESULTS, SHARED, accuracy_fields, machine, run_cli_with_memory, with_earlier_rows, write_result
+from common import (
+    OUT,
+    RESULTS,
+    SHARED,
+    accuracy_fields,
+    lite0_command,
+    machine,
+    run_cli_with_memory,
+    with_earlier_rows,
+    write_result,
+)
 
 STRATEGIES = ("early-exit", "skipnet", "blockdrop")
 
@@ -33,14 +43,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     args = parser.parse_args()
-    weights = SHARED / "models" / "imagenet" / "tf_efficientnet_lite0.safetensors"
     rows = []
     for strategy in args.strategies:
         out = OUT / f"{strategy}-tf_efficientnet_lite0-tiny-imagenet"
-        command = [
-            *("tf_efficientnet_lite0", "--strategy", strategy),
-            *("--weights", str(weights), "--data", str(SHARED / "data" / "tiny-imagenet")),
-        ]
+        command = lite0_command(strategy)
         report, seconds, memory = run_cli_with_memory(command, out)
         plot = f"{strategy.replace('-', '_')}_tf_efficientnet_lite0_tiny-imagenet.png"
         shutil.copy(out / "report.png", RESULTS / plot)

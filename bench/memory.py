@@ -23,7 +23,7 @@ import argparse
 import json
 import sys
 
-from common import OUT, RESULTS, SHARED, machine, run_cli_with_memory, write_result
+from common import OUT, RESULTS, lite0_command, machine, run_cli_with_memory, write_result
 
 import dynconvert
 
@@ -35,16 +35,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--eval-samples", type=int, default=1000)
     args = parser.parse_args()
-    weights = SHARED / "models" / "imagenet" / "tf_efficientnet_lite0.safetensors"
     runs = []
     for samples in args.samples:
         out = OUT / f"memory-{args.strategy}-{samples}"
-        command = [
-            *("tf_efficientnet_lite0", "--strategy", args.strategy),
-            *("--weights", str(weights), "--data", str(SHARED / "data" / "tiny-imagenet"), "-q"),
+        command = lite0_command(
+            args.strategy,
+            "-q",
             *("--set", f"data.max_train_samples={samples}", "--set", f"train.epochs={args.epochs}"),
             *("--set", f"data.max_eval_samples={args.eval_samples}"),
-        ]
+        )
         _, _, gigabytes = run_cli_with_memory(command, out)
         runs.append({"train_samples": samples, **gigabytes})
         print(runs[-1], flush=True)
