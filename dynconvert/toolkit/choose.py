@@ -13,8 +13,14 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def _get(point: Any, key: str):
-    return point[key] if isinstance(point, dict) else getattr(point, key)
+_REQUIRED = object()
+
+
+def _get(point: Any, key: str, default: Any = _REQUIRED):
+    """A field of a point that is a dict or an object; ``default`` where it may be missing."""
+    if default is _REQUIRED:
+        return point[key] if isinstance(point, dict) else getattr(point, key)
+    return point.get(key, default) if isinstance(point, dict) else getattr(point, key, default)
 
 
 def choose_point(
@@ -62,11 +68,7 @@ def _drop_bound(point: Any, points: list, drop_from: str) -> float:
     bound = _get(point, "accuracy_drop_bound")
     if drop_from != "best":
         return bound
-    from_best = (
-        point.get("accuracy_drop_from_best_bound")
-        if isinstance(point, dict)
-        else getattr(point, "accuracy_drop_from_best_bound", None)
-    )
+    from_best = _get(point, "accuracy_drop_from_best_bound", None)
     if from_best is not None:
         return max(bound, from_best)
     gain = max(0.0, -min(_get(p, "accuracy_drop") for p in points))
