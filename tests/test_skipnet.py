@@ -219,6 +219,29 @@ def test_calibration_out_of_budget_keeps_the_most_accurate_point_and_says_so(cap
     assert result["chosen"]["accuracy_drop_bound"] == best
 
 
+def test_evaluation_sweep_measures_the_calibration_points_even_with_settled_blocks():
+    """Settling fixes blocks at the chosen offset; the sweep's other points are still the ones
+    calibration measured, and the settled model is left as it was."""
+    from dynconvert.strategies.block_skip_common import calibrate_bias, sweep_points_on_split
+    from dynconvert.toolkit.data import ImageSplit, Preprocess
+
+    model, dyn, size = prepared()
+    torch.manual_seed(0)
+    split = ImageSplit(torch.randint(0, 256, (24, 3, size, size), dtype=torch.uint8), torch.arange(24) % 10, "cal")
+    recipe = build_recipe(None, "cifar_resnet20", "skipnet", ["model.pretrained=false", "evaluate.sweep_points=3"])
+    prep = Preprocess.from_model(model)
+    offsets = [-2.0, 0.0, 2.0]
+    calibration = calibrate_bias(dyn, split, prep, recipe, offsets)
+    chosen = float(dyn.dyn.bias[0])
+    dyn.settled = [1] * dyn.num_blocks  # as if every block ran for every calibration image
+    points = sweep_points_on_split(dyn, split, prep, recipe, calibration["sweep"])
+    assert [p["offset"] for p in points] == offsets
+    for point, measured in zip(points, calibration["sweep"]):
+        assert point["flops_ratio"] == pytest.approx(measured["flops_ratio"])
+    assert len({round(p["flops_ratio"], 6) for p in points}) > 1  # the offsets really differ
+    assert dyn.settled == [1] * dyn.num_blocks and float(dyn.dyn.bias[0]) == chosen
+
+
 def test_gate_returns_add_the_skip_rewards_still_to_come():
     from dynconvert.strategies.skipnet_rl import gate_returns
 

@@ -267,24 +267,32 @@ def sweep_points_on_split(dyn, split, prep, recipe, sweep: list[dict]) -> list[d
     """Accuracy and FLOPs ratio on ``split`` at ``evaluate.sweep_points`` offsets of the
     calibration sweep, evenly spread from the first to the last before all gates open (that
     one is the static model, which the report measures anyway); for the plot and the loss
-    against the best point."""
+    against the best point.
+
+    Each point is the one the calibration sweep measured: blocks settled at the chosen offset
+    are decided by their gates again for the sweep, since a settled block keeps its decision
+    at every offset and would turn the other points into ones the calibration never saw."""
     if not sweep:
         return []
-    chosen = float(dyn.dyn.bias[0])
+    chosen, settled = float(dyn.dyn.bias[0]), list(dyn.settled)
     candidates = sweep[:-1] if len(sweep) > 1 and sweep[-1]["offset"] == ALL_OPEN else sweep
     picks = torch.linspace(0, len(candidates) - 1, recipe.evaluate.sweep_points).round().long().unique()
     out = []
-    for p in [candidates[int(k)] for k in picks]:
-        dyn.dyn.bias.fill_(p["offset"])
-        preds, kept = _route_all(dyn, split, prep, recipe)
-        out.append(
-            {
-                "offset": p["offset"],
-                "accuracy": float((preds == split.labels).float().mean()),
-                "flops_ratio": float(dyn.sample_flops(kept).mean()) / dyn.static_flops(),
-            }
-        )
-    dyn.dyn.bias.fill_(chosen)
+    dyn.settled = [0] * dyn.num_blocks
+    try:
+        for p in [candidates[int(k)] for k in picks]:
+            dyn.dyn.bias.fill_(p["offset"])
+            preds, kept = _route_all(dyn, split, prep, recipe)
+            out.append(
+                {
+                    "offset": p["offset"],
+                    "accuracy": float((preds == split.labels).float().mean()),
+                    "flops_ratio": float(dyn.sample_flops(kept).mean()) / dyn.static_flops(),
+                }
+            )
+    finally:
+        dyn.dyn.bias.fill_(chosen)
+        dyn.settled = settled
     return out
 
 
