@@ -242,6 +242,50 @@ def test_evaluation_sweep_measures_the_calibration_points_even_with_settled_bloc
     assert dyn.settled == [1] * dyn.num_blocks and float(dyn.dyn.bias[0]) == chosen
 
 
+@pytest.mark.parametrize("rounds", [0, 1, 3])
+def test_refined_calibration_skips_the_blocks_one_offset_could_not(rounds, monkeypatch):
+    """Block 0 is needed by every image and its keep-logit is low; the others are not needed.
+    One offset cannot skip the others without skipping block 0; a refinement round fixes block 0
+    and skips them."""
+    from dynconvert.strategies import block_skip_common as common
+    from dynconvert.toolkit.data import ImageSplit, Preprocess
+
+    model, dyn, size = prepared()
+    n, blocks = 200, dyn.num_blocks
+    torch.manual_seed(0)
+    logits = torch.rand(n, blocks) * 2 - 1  # blocks 1.. : per image, in [-1, 1)
+    logits[:, 0] = 0.5  # block 0: runs at offsets from -0.5
+    labels = torch.arange(n) % 10
+    split = ImageSplit(torch.zeros(n, 3, 1, 1, dtype=torch.uint8), labels, "cal")
+
+    def route_all(dyn, split, prep, recipe):
+        settled = torch.tensor(dyn.settled)
+        kept = torch.where(settled == 0, logits + dyn.dyn.bias >= 0, settled > 0)
+        return torch.where(kept[:, 0], labels, (labels + 1) % 10), kept
+
+    monkeypatch.setattr(common, "_route_all", route_all)
+    recipe = build_recipe(None, "cifar_resnet20", "skipnet", ["model.pretrained=false", "evaluate.sweep_points=2"])
+    perfect = torch.nn.functional.one_hot(labels, 10).float()
+    prep = Preprocess.from_model(model)
+    result = common.calibrate_bias(dyn, split, prep, recipe, [-1.0, 0.0, 1.0], perfect, refine_rounds=rounds)
+    chosen = result["chosen"]
+    if rounds == 0:
+        assert chosen["offset"] == 0.0 and "settled" not in chosen and dyn.settled == [0] * blocks
+    else:
+        assert chosen["offset"] == -1.0 and chosen["settled"] == [1] + [0] * (blocks - 1)
+        assert dyn.settled == chosen["settled"] and dyn.plan["replay"]["settled"] == chosen["settled"]
+        assert chosen["accuracy_drop"] == 0.0 and chosen["flops_ratio"] < result["sweep"][1]["flops_ratio"]
+        # the round after finds every block constant at that point, and stops
+        assert len(result["sweep"]) == 4 + 2  # the chosen offset is not measured twice
+    assert float(dyn.dyn.bias[0]) == chosen["offset"]
+    points = common.sweep_points_on_split(dyn, split, prep, recipe, result["sweep"])
+    measured = {(p["offset"], tuple(p.get("settled", ()))): p["flops_ratio"] for p in result["sweep"]}
+    for point in points:  # each point as the calibration measured it, with its own fixed blocks
+        assert point["flops_ratio"] == pytest.approx(measured[(point["offset"], tuple(point.get("settled", ())))])
+    assert max(p["accuracy"] for p in points) == 1.0  # the most accurate calibration point is among them
+    assert dyn.settled == (chosen.get("settled") or [0] * blocks)
+
+
 def test_gate_returns_add_the_skip_rewards_still_to_come():
     from dynconvert.strategies.skipnet_rl import gate_returns
 

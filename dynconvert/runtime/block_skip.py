@@ -251,8 +251,7 @@ class BlockSkipModel(DynamicModel):
     def settle(self, kept: torch.Tensor) -> None:
         """Fix the decision of every block that ``kept`` (decisions on calibration data, (samples,
         blocks)) shows running for all samples or for none; the others stay decided per sample."""
-        rates = kept.float().mean(0)
-        self.settled = [1 if r == 1.0 else -1 if r == 0.0 else 0 for r in rates.tolist()]
+        self.settled = settled_decisions(kept)
 
     def route_with(self, x: torch.Tensor, keep: torch.Tensor) -> Routed:
         """Run with decisions given as a ``(batch, blocks)`` bool matrix; the controller is not used.
@@ -341,3 +340,10 @@ class BlockSkipModel(DynamicModel):
         for unit in self.units:
             x = unit(x)
         return x
+
+
+def settled_decisions(kept: torch.Tensor) -> list[int]:
+    """Per block, from decisions on calibration data ``(samples, blocks)``: 1 where it ran for
+    every sample, -1 where for none, 0 where it was decided per sample."""
+    rates = kept.float().mean(0)
+    return [1 if r == 1.0 else -1 if r == 0.0 else 0 for r in rates.tolist()]

@@ -13,7 +13,7 @@ from dynconvert.errors import DynconvertError
 from dynconvert.passes.analysis import is_channels_last, single_live_nodes
 from dynconvert.passes.residual import find_units, full_form, shortcut_shape, skipped_form
 from dynconvert.progress import progress_bar
-from dynconvert.runtime.block_skip import BlockSkipModel
+from dynconvert.runtime.block_skip import BlockSkipModel, settled_decisions
 from dynconvert.runtime.corrections import SkipCorrection, correction_rank
 from dynconvert.toolkit import distributed
 from dynconvert.toolkit.calibrate import bound_drops_from_best, drop_upper_bound
@@ -197,12 +197,24 @@ def teacher_logits(dyn: BlockSkipModel, split, prep, recipe, checkpointer: Check
 
 
 def calibrate_bias(
-    dyn: BlockSkipModel, split, prep, recipe, offsets: list[float], static_logits: torch.Tensor | None = None
+    dyn: BlockSkipModel,
+    split,
+    prep,
+    recipe,
+    offsets: list[float],
+    static_logits: torch.Tensor | None = None,
+    refine_rounds: int = 0,
 ) -> dict:
     """Sweep one offset added to every keep-logit; pick the operating point for the budget.
 
     ``static_logits``: the original network's logits on ``split`` when the backbone has been
     tuned since (default: computed now with :meth:`BlockSkipModel.forward_static`).
+    ``refine_rounds``: rounds that fix the blocks the chosen point runs for every image, or for
+    none (as :meth:`BlockSkipModel.settle` does), and sweep the offsets again over the blocks
+    still decided per image; the budget then chooses among the points of every round. One
+    offset for all blocks cannot tell a block the network needs from one it does without; a
+    round lets the others be skipped more without skipping those. A refined point records its
+    fixed blocks (``settled``).
     """
     cal = recipe.calibrate
     if static_logits is None:
@@ -210,25 +222,46 @@ def calibrate_bias(
     static_pred = static_logits.argmax(1)
     reference = static_pred if cal.reference == "agreement" else split.labels
     static_hits = (static_pred == reference).float()
-    sweep, hits = [], []
-    # the last offset opens every gate: the original network, always within any accuracy budget
-    for offset in progress_bar([*offsets, ALL_OPEN], desc="calibrate", unit="offset"):
+    sweep, hits, kept_at = [], [], []
+
+    def measure(offset: float, settled: list[int]) -> None:
         dyn.dyn.bias.fill_(offset)
+        dyn.settled = list(settled)
         preds, kept = _route_all(dyn, split, prep, recipe)
         hits.append(preds == reference)
+        kept_at.append(kept)
         drop, bound = drop_upper_bound(static_hits - hits[-1].float())
-        sweep.append(
-            {
-                "offset": offset,
-                "accuracy_drop": drop,
-                "accuracy_drop_bound": bound,
-                "flops_ratio": float(dyn.sample_flops(kept).mean()) / dyn.static_flops(),
-            }
-        )
-    if cal.drop_from == "best":
-        bound_drops_from_best(sweep, hits)
-    chosen, budget_met = choose_point(sweep, cal.max_accuracy_drop, cal.flops_ratio, drop_from=cal.drop_from)
+        point = {"offset": offset, "accuracy_drop": drop, "accuracy_drop_bound": bound}
+        point["flops_ratio"] = float(dyn.sample_flops(kept).mean()) / dyn.static_flops()
+        if any(settled):
+            point["settled"] = list(settled)
+        sweep.append(point)
+
+    def choose() -> tuple[dict, bool]:
+        if cal.drop_from == "best":
+            bound_drops_from_best(sweep, hits)
+        return choose_point(sweep, cal.max_accuracy_drop, cal.flops_ratio, drop_from=cal.drop_from)
+
+    free = [0] * dyn.num_blocks
+    # the last offset opens every gate: the original network, always within any accuracy budget
+    for offset in progress_bar([*offsets, ALL_OPEN], desc="calibrate", unit="offset"):
+        measure(offset, free)
+    swept = [free]
+    for round_ in range(refine_rounds):
+        chosen, _ = choose()
+        settled = settled_decisions(kept_at[next(k for k, p in enumerate(sweep) if p is chosen)])
+        if all(settled) or settled in swept:
+            break
+        swept.append(settled)
+        # at the chosen offset itself, fixing what it never varies changes nothing
+        again = [offset for offset in offsets if offset != chosen["offset"]]
+        for offset in progress_bar(again, desc=f"calibrate, round {round_ + 2}", unit="offset"):
+            measure(offset, settled)
+    chosen, budget_met = choose()
     dyn.dyn.bias.fill_(chosen["offset"])
+    dyn.settled = list(chosen.get("settled", free))
+    if any(dyn.settled):
+        dyn.plan["replay"]["settled"] = list(dyn.settled)
     return {
         "sweep": sweep,
         "chosen": chosen,
@@ -264,32 +297,33 @@ def settle_constant_decisions(dyn: BlockSkipModel, split, prep, recipe) -> dict:
 
 
 def sweep_points_on_split(dyn, split, prep, recipe, sweep: list[dict]) -> list[dict]:
-    """Accuracy and FLOPs ratio on ``split`` at ``evaluate.sweep_points`` offsets of the
-    calibration sweep, evenly spread from the first to the last before all gates open (that
-    one is the static model, which the report measures anyway); for the plot and the loss
-    against the best point.
+    """Accuracy and FLOPs ratio on ``split`` at ``evaluate.sweep_points`` points of the
+    calibration sweep, evenly spread over its FLOPs ratios, and at its most accurate point
+    (the point with every gate open is the static model, which the report measures anyway);
+    for the plot and the loss against the best point.
 
-    Each point is the one the calibration sweep measured: blocks settled at the chosen offset
-    are decided by their gates again for the sweep, since a settled block keeps its decision
-    at every offset and would turn the other points into ones the calibration never saw."""
-    if not sweep:
+    Each point is the one the calibration sweep measured, with the blocks it fixed (``settled``)
+    and no others: blocks settled at the chosen point keep their decision at every offset and
+    would turn the other points into ones the calibration never saw."""
+    candidates = sorted((p for p in sweep if p["offset"] != ALL_OPEN), key=lambda p: p["flops_ratio"])
+    if not candidates:
         return []
+    picks = torch.linspace(0, len(candidates) - 1, recipe.evaluate.sweep_points).round().long().unique().tolist()
+    most_accurate = candidates.index(min(candidates, key=lambda p: (p["accuracy_drop"], p["flops_ratio"])))
+    picks = sorted({*picks, most_accurate})
     chosen, settled = float(dyn.dyn.bias[0]), list(dyn.settled)
-    candidates = sweep[:-1] if len(sweep) > 1 and sweep[-1]["offset"] == ALL_OPEN else sweep
-    picks = torch.linspace(0, len(candidates) - 1, recipe.evaluate.sweep_points).round().long().unique()
     out = []
-    dyn.settled = [0] * dyn.num_blocks
     try:
-        for p in [candidates[int(k)] for k in picks]:
+        for p in [candidates[k] for k in picks]:
             dyn.dyn.bias.fill_(p["offset"])
+            dyn.settled = list(p.get("settled", [0] * dyn.num_blocks))
             preds, kept = _route_all(dyn, split, prep, recipe)
-            out.append(
-                {
-                    "offset": p["offset"],
-                    "accuracy": float((preds == split.labels).float().mean()),
-                    "flops_ratio": float(dyn.sample_flops(kept).mean()) / dyn.static_flops(),
-                }
-            )
+            point = {
+                "offset": p["offset"],
+                "accuracy": float((preds == split.labels).float().mean()),
+                "flops_ratio": float(dyn.sample_flops(kept).mean()) / dyn.static_flops(),
+            }
+            out.append({**point, **({"settled": p["settled"]} if "settled" in p else {})})
     finally:
         dyn.dyn.bias.fill_(chosen)
         dyn.settled = settled

@@ -47,7 +47,9 @@ class BlockDropConfig:
     at the offset where they cost that FLOPs ratio (0 epochs: off); the calibration sweep then
     also tries offsets around that one. ``settle``: after calibration, blocks the policy keeps
     for every calibration image, or for none, are fixed that way (no per-block decision at run
-    time; the policy still runs for the others), as SkipNet does.
+    time; the policy still runs for the others), as SkipNet does. ``refine_rounds``: calibration
+    rounds that fix the blocks the chosen point never varies and sweep the offsets again over the
+    others (``block_skip_common.calibrate_bias``).
     """
 
     input_size: int = option(16, "side of the downsampled image the policy sees")
@@ -68,6 +70,9 @@ class BlockDropConfig:
     correction_flops_ratio: float = option(0.65, "the FLOPs ratio at which the corrections are fitted")
     correction_lr: float = option(3e-3, "learning rate of the corrections")
     settle: bool = option(True, "fix the blocks the policy never varies on the calibration images")
+    refine_rounds: int = option(
+        0, "calibration rounds that fix the blocks the chosen point never varies and sweep again (0: off)"
+    )
     exclude: list[str] = option([], "blocks never to skip (module names)")
     calibration_offsets: list[float] = option(
         [-2.0, -1.5, -1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0],
@@ -94,6 +99,7 @@ class BlockDropConfig:
         check_range("options.finetune_epochs", self.finetune_epochs, 0, None)
         check_range("options.finetune_lr", self.finetune_lr, 0.0, None)
         check_range("options.backbone_lr", self.backbone_lr, 0.0, None)
+        check_range("options.refine_rounds", self.refine_rounds, 0, None)
         check_range("options.correction_epochs", self.correction_epochs, 0, None)
         check_range("options.correction_flops_ratio", self.correction_flops_ratio, 0.0, 1.0)
         check_range("options.correction_lr", self.correction_lr, 0.0, None)
@@ -147,7 +153,9 @@ class BlockDrop(BlockSkipStrategy):
             # the budget is measured against the original network, which fine-tuning changes
             static_logits = common.teacher_logits(dyn, data.calibration, prep, recipe)
             history += finetune_jointly(dyn, data, prep, recipe, config, checkpointer)
-        calibration = common.calibrate_bias(dyn, data.calibration, prep, recipe, offsets, static_logits)
+        calibration = common.calibrate_bias(
+            dyn, data.calibration, prep, recipe, offsets, static_logits, config.refine_rounds
+        )
         if config.settle:
             calibration["settled"] = common.settle_constant_decisions(dyn, data.calibration, prep, recipe)
         return {"train": history, **calibration}

@@ -30,7 +30,8 @@ class SkipNetConfig:
     ``none``, the shortcut alone), the optional hybrid RL stage (``rl_epochs`` > 0; a skipped
     block earns ``rl_skip_reward`` x its share of the FLOPs), whether blocks whose gate decides the
     same for every calibration image are fixed that way (``settle``: their gates no longer run),
-    and blocks never to skip."""
+    how many calibration rounds sweep again with the blocks fixed that the chosen point never
+    varies (``refine_rounds``, see ``block_skip_common.calibrate_bias``), and blocks never to skip."""
 
     gate: str = option("feedforward", "feedforward (one gate per block) or recurrent (one shared gate)")
     gate_hidden: int = option(16, "hidden width of a gate")
@@ -41,6 +42,9 @@ class SkipNetConfig:
     rl_epochs: int = option(0, "epochs of SkipNet's hybrid RL stage after the relaxed training (0: off)")
     rl_skip_reward: float = option(0.5, "hybrid RL: reward of a skipped block per share of the FLOPs")
     settle: bool = option(True, "fix the blocks whose gate never varies on the calibration images")
+    refine_rounds: int = option(
+        0, "calibration rounds that fix the blocks the chosen point never varies and sweep again (0: off)"
+    )
     exclude: list[str] = option([], "blocks never to skip (module names)")
     calibration_offsets: list[float] = option(
         [-2.0, -1.5, -1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0],
@@ -59,6 +63,7 @@ class SkipNetConfig:
         check_range("options.rl_epochs", self.rl_epochs, 0, None)
         check_range("options.rl_skip_reward", self.rl_skip_reward, 0.0, None)
         check_range("options.backbone_lr", self.backbone_lr, 0.0, None)
+        check_range("options.refine_rounds", self.refine_rounds, 0, None)
 
 
 @register_strategy
@@ -117,7 +122,7 @@ class SkipNet(BlockSkipStrategy):
             config.backbone_lr,
         )
         calibration = common.calibrate_bias(
-            dyn, data.calibration, prep, recipe, config.calibration_offsets, static_logits
+            dyn, data.calibration, prep, recipe, config.calibration_offsets, static_logits, config.refine_rounds
         )
         if config.settle:
             calibration["settled"] = common.settle_constant_decisions(dyn, data.calibration, prep, recipe)
