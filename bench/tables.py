@@ -70,6 +70,8 @@ def lite0(data: dict) -> str:
             did = "exits taken: " + " / ".join(str(n) for n in done["exit_histogram"])
         else:
             did = f"{done['blocks_used_mean']:.2f} of {done['blocks_total']} blocks"
+            if done.get("distinct_policies") == 1:
+                did += ", the same for every image"
         rows.append(
             f"| {r['strategy']} | {100 * r['static_accuracy']:.2f}% | {100 * r['dynamic_accuracy']:.2f}% | "
             f"{r['accuracy_change_points']:+.2f} pt | {best_point(r)} | "
@@ -273,6 +275,8 @@ def readme() -> str:
                 f"{b1['time_ratio']:.3f} | {b1['time_ratio_over_flops_ratio']:.2f} | "
                 f"{b64['time_ratio']:.3f} | {b64['time_ratio_over_flops_ratio']:.2f}"
             )
+        if run.get("dynamic", {}).get("distinct_policies") == 1:  # every image ran the same blocks
+            label += " (fixed blocks)"
         rows.append(
             f"| {label} | {100 * run['static_accuracy']:.2f}% | {100 * run['dynamic_accuracy']:.2f}% | "
             f"{run['accuracy_change_points']:+.2f} pt | {best_point(run)} | {run['flops_ratio']:.3f} | {times} | "
