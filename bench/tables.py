@@ -70,7 +70,7 @@ def lite0(data: dict) -> str:
             did = "exits taken: " + " / ".join(str(n) for n in done["exit_histogram"])
         else:
             did = f"{done['blocks_used_mean']:.2f} of {done['blocks_total']} blocks"
-            if done.get("distinct_policies") == 1:
+            if same_blocks_for_every_image(r):
                 did += ", the same for every image"
         rows.append(
             f"| {r['strategy']} | {100 * r['static_accuracy']:.2f}% | {100 * r['dynamic_accuracy']:.2f}% | "
@@ -79,6 +79,11 @@ def lite0(data: dict) -> str:
             f"{r['peak_pss_gb']:.2f} / {r['peak_rss_sum_gb']:.2f} GB |"
         )
     return "\n".join(rows)
+
+
+def same_blocks_for_every_image(run: dict) -> bool:
+    """Whether a block-skipping run's model made one decision for all images (a pruned network)."""
+    return run.get("dynamic", {}).get("distinct_policies") == 1
 
 
 def spread(ratio: dict, flops_ratio: float, digits: int = 3) -> str:
@@ -275,7 +280,7 @@ def readme() -> str:
                 f"{b1['time_ratio']:.3f} | {b1['time_ratio_over_flops_ratio']:.2f} | "
                 f"{b64['time_ratio']:.3f} | {b64['time_ratio_over_flops_ratio']:.2f}"
             )
-        if run.get("dynamic", {}).get("distinct_policies") == 1:  # every image ran the same blocks
+        if same_blocks_for_every_image(run):
             label += " (fixed blocks)"
         rows.append(
             f"| {label} | {100 * run['static_accuracy']:.2f}% | {100 * run['dynamic_accuracy']:.2f}% | "

@@ -323,7 +323,9 @@ def sweep_points_on_split(dyn, split, prep, recipe, sweep: list[dict]) -> list[d
                 "accuracy": float((preds == split.labels).float().mean()),
                 "flops_ratio": float(dyn.sample_flops(kept).mean()) / dyn.static_flops(),
             }
-            out.append({**point, **({"settled": p["settled"]} if "settled" in p else {})})
+            if "settled" in p:
+                point["settled"] = p["settled"]
+            out.append(point)
     finally:
         dyn.dyn.bias.fill_(chosen)
         dyn.settled = settled
